@@ -1,0 +1,185 @@
+"""The episodic LightningDataModule that every dataset subclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from datamodules.errors import ConfigError, require_positive
+from datamodules.sampler import STREAMS, EpisodeLoader, Task
+from datamodules.task_batch import TaskBatch
+
+
+@dataclass(frozen=True)
+class EpisodeShape:
+    """N-way K-shot Q-query (for regression ``ways`` is 1 and ``shots``/``queries`` count points)."""
+
+    ways: int
+    shots: int
+    queries: int
+
+
+class EpisodicDataModule(pl.LightningDataModule):
+    """Base class of the episodic datamodules: N-way K-shot Q-query tasks in meta-batches of ``T``.
+
+    A subclass implements :meth:`sample_task` (one task of a split from a generator) and, where it has classes,
+    :meth:`num_classes`; the base class builds the seeded, rank-aware, resumable loaders.
+
+    Args:
+        ways: classes per task at validation and test (``N``).
+        shots: labelled examples per class in the support set (``K``).
+        queries: examples per class in the query set (``Q``).
+        meta_batch_size: tasks per training batch (``T``); under DDP this is per rank, so the effective meta-batch
+            is ``meta_batch_size * world_size``.
+        train_batches: training batches per epoch (on each rank).
+        val_episodes: fixed validation episodes (shared out over the ranks).
+        test_episodes: fixed test episodes (shared out over the ranks).
+        eval_meta_batch_size: tasks per evaluation batch.
+        train_ways, train_shots, train_queries: the training episodes' shape where it differs from evaluation
+            (e.g. 60-way training for Prototypical Networks); ``None`` means the same as evaluation.
+        seed: seeds every episode (see :mod:`datamodules.sampler`).
+    """
+
+    #: ``"classification"`` or ``"regression"``: decides the metric the best checkpoint is chosen on.
+    task_type = "classification"
+
+    def __init__(
+        self,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        meta_batch_size: int = 32,
+        train_batches: int = 1000,
+        val_episodes: int = 200,
+        test_episodes: int = 600,
+        eval_meta_batch_size: int = 16,
+        train_ways: int | None = None,
+        train_shots: int | None = None,
+        train_queries: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        require_positive(
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            meta_batch_size=meta_batch_size,
+            train_batches=train_batches,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
+            eval_meta_batch_size=eval_meta_batch_size,
+        )
+        for name, value in (("train_ways", train_ways), ("train_shots", train_shots), ("train_queries", train_queries)):
+            if value is not None:
+                require_positive(**{name: value})
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.meta_batch_size = meta_batch_size
+        self.train_batches = train_batches
+        self.val_episodes = val_episodes
+        self.test_episodes = test_episodes
+        self.eval_meta_batch_size = eval_meta_batch_size
+        self.train_ways = train_ways or ways
+        self.train_shots = train_shots or shots
+        self.train_queries = train_queries or queries
+        self.seed = seed
+
+    # ----------------------------------------------------------------------------------------------- subclass API
+    def sample_task(self, split: str, generator: torch.Generator) -> Task:
+        """Draw one task of ``split`` (``train``/``val``/``test``) using only ``generator`` for randomness.
+
+        Returns ``(support_x, support_y, query_x, query_y)`` with support examples ordered by class.
+        """
+        raise NotImplementedError
+
+    def num_classes(self, split: str) -> int | None:
+        """Classes available in ``split`` (``None`` where tasks are not drawn from classes)."""
+        return None
+
+    def class_sizes(self, split: str) -> dict[str, int] | None:
+        """Examples per class name in ``split``, to check ``shots + queries`` (``None`` to skip the check)."""
+        return None
+
+    # ------------------------------------------------------------------------------------------------- episodes
+    def shape(self, split: str) -> EpisodeShape:
+        if split == "train":
+            return EpisodeShape(self.train_ways, self.train_shots, self.train_queries)
+        return EpisodeShape(self.ways, self.shots, self.queries)
+
+    def check_split(self, split: str) -> None:
+        """Raise a one-line :class:`ConfigError` when ``split`` cannot supply the episodes asked for."""
+        shape = self.shape(split)
+        available = self.num_classes(split)
+        if available is not None and shape.ways > available:
+            raise ConfigError(
+                f"{type(self).__name__}: {shape.ways}-way tasks need {shape.ways} classes but the {split} split has "
+                f"{available}; lower {'train_ways' if split == 'train' else 'ways'}"
+            )
+        sizes = self.class_sizes(split)
+        if sizes:
+            need = shape.shots + shape.queries
+            name, smallest = min(sizes.items(), key=lambda item: item[1])
+            if smallest < need:
+                raise ConfigError(
+                    f"{type(self).__name__}: class '{name}' of the {split} split has {smallest} examples, fewer than "
+                    f"shots + queries = {need}; lower shots/queries"
+                )
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def episode_loader(self, split: str) -> EpisodeLoader:
+        """The loader of ``split``: a fresh stream per epoch for training, fixed episodes otherwise."""
+        self.check_split(split)
+        rank, world_size = self._rank()
+
+        def sample(generator: torch.Generator) -> Task:
+            return self.sample_task(split, generator)
+
+        if split == "train":
+            return EpisodeLoader(
+                sample,
+                meta_batch_size=self.meta_batch_size,
+                seed=self.seed,
+                stream=STREAMS[split],
+                num_batches=self.train_batches,
+                rank=rank,
+                world_size=world_size,
+            )
+        return EpisodeLoader(
+            sample,
+            meta_batch_size=self.eval_meta_batch_size,
+            seed=self.seed,
+            stream=STREAMS[split],
+            num_episodes=self.val_episodes if split == "val" else self.test_episodes,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def train_dataloader(self) -> EpisodeLoader:
+        return self.episode_loader("train")
+
+    def val_dataloader(self) -> EpisodeLoader:
+        return self.episode_loader("val")
+
+    def test_dataloader(self) -> EpisodeLoader:
+        return self.episode_loader("test")
+
+    # -------------------------------------------------------------------------------------------- device side
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, TaskBatch):
+            return self.prepare_batch(batch)
+        return batch
+
+    def prepare_batch(self, batch: TaskBatch) -> TaskBatch:
+        """Turn ``uint8`` images into float in ``[0, 1]`` on the batch's device (identity for float inputs)."""
+        if batch.support_x.dtype != torch.uint8:
+            return batch
+        return TaskBatch(
+            batch.support_x.float().div_(255.0), batch.support_y, batch.query_x.float().div_(255.0), batch.query_y
+        )

@@ -1,0 +1,240 @@
+"""The manual-optimization skeleton that every algorithm shares.
+
+A subclass says only what is particular to it: :meth:`MetaLearner.task_step`, which adapts to one task's support set
+and returns the outer objective and the query predictions. Everything else lives here once: vectorizing over the
+tasks of a meta-batch, the outer optimizer step, chunked gradient accumulation, skipping non-finite steps, clipping
+after unscaling, episodic evaluation with 95% confidence intervals, and logging.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from datamodules.errors import ConfigError, LitMetaError
+from datamodules.task_batch import TaskBatch
+from lit_meta.adaptation import map_tasks
+from lit_meta.metrics import MeanConfidenceInterval
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def task_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy for class labels, mean squared error for float targets."""
+    if torch.is_floating_point(target):
+        return F.mse_loss(prediction, target)
+    return F.cross_entropy(prediction, target)
+
+
+def task_metric(prediction: Tensor, target: Tensor) -> Tensor:
+    """Accuracy for class labels, mean squared error for float targets."""
+    if torch.is_floating_point(target):
+        return F.mse_loss(prediction, target)
+    return (prediction.argmax(dim=-1) == target).float().mean()
+
+
+class MetaLearner(pl.LightningModule):
+    """Base class of every meta-learning algorithm.
+
+    Args:
+        backbone: the network; see :mod:`lit_meta.backbones`.
+        optimizer: the outer (meta) optimizer, called with the parameters to optimize.
+        lr_scheduler: optional scheduler of the outer optimizer, stepped every ``scheduler_interval``.
+        scheduler_interval: ``"epoch"`` or ``"step"``.
+        vectorize: run the tasks of a meta-batch as one batched computation (``torch.func.vmap``) instead of a
+            Python loop; the results are the same.
+        chunk_size: at most this many tasks at once: training accumulates the meta-gradient chunk by chunk (one
+            backward each, so peak memory is that of a chunk), evaluation vmaps in chunks. ``None``: all at once.
+        grad_clip_norm: clip the meta-gradient to this norm (after fp16 unscaling); ``None`` disables.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "epoch",
+        vectorize: bool = True,
+        chunk_size: int | None = None,
+        grad_clip_norm: float | None = None,
+    ) -> None:
+        super().__init__()
+        if scheduler_interval not in ("epoch", "step"):
+            raise ConfigError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        if chunk_size is not None and chunk_size <= 0:
+            raise ConfigError(f"chunk_size must be a positive integer or null, got {chunk_size!r}")
+        self.automatic_optimization = False
+        self.backbone = backbone
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.scheduler_interval = scheduler_interval
+        self.vectorize = vectorize
+        self.chunk_size = chunk_size
+        self.grad_clip_norm = grad_clip_norm
+        self._eval_metrics: dict[str, MeanConfidenceInterval] = {}
+        self.skipped_steps = 0
+
+    # --------------------------------------------------------------------------------------------- subclass API
+    def task_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        """Adapt to one task and return ``(objective, query_predictions)``.
+
+        Called per task (inside ``vmap`` when ``vectorize``): tensors have no task dimension. ``objective`` is the
+        scalar outer loss of the task (the query loss after adaptation for most methods); ``training`` selects the
+        training or evaluation settings (e.g. inner steps).
+        """
+        raise NotImplementedError
+
+    def task_metrics(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """Per-task evaluation values (``[T]`` each). The default: query loss and accuracy (or MSE)."""
+        objective, predictions = self.task_outputs(batch, training=False)
+        values = {self.metric_name(batch): self._per_task(task_metric, predictions, batch.query_y)}
+        if batch.is_classification:
+            values["loss"] = self._per_task(task_loss, predictions, batch.query_y)
+        return values
+
+    # ------------------------------------------------------------------------------------------------ meta-batch
+    def task_outputs(self, batch: TaskBatch, training: bool) -> tuple[Tensor, Tensor]:
+        """``(objectives [T], query_predictions [T, ...])`` of every task in the batch."""
+
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+            return self.task_step(sx, sy, qx, qy, training)
+
+        chunk = None if training else self.chunk_size
+        return map_tasks(
+            one_task, batch.support_x, batch.support_y, batch.query_x, batch.query_y, vectorize=self.vectorize, chunk_size=chunk
+        )
+
+    def meta_loss(self, batch: TaskBatch) -> Tensor:
+        """The differentiable outer loss of a meta-batch: the mean over tasks of each task's objective."""
+        return self.task_outputs(batch, training=True)[0].mean()
+
+    @staticmethod
+    def _per_task(fn: Callable[[Tensor, Tensor], Tensor], predictions: Tensor, targets: Tensor) -> Tensor:
+        return torch.stack([fn(p, t) for p, t in zip(predictions, targets)])
+
+    @staticmethod
+    def metric_name(batch: TaskBatch) -> str:
+        return "acc" if batch.is_classification else "mse"
+
+    # ------------------------------------------------------------------------------------------------- training
+    def _require_grad_mode(self) -> None:
+        if torch.is_inference_mode_enabled():
+            raise LitMetaError(
+                f"{type(self).__name__} adapts with gradients, which inference mode forbids: use "
+                "Trainer(inference_mode=False) (the lit_meta CLI's default) or call outside torch.inference_mode()"
+            )
+
+    def inner_loss_scale(self) -> float:
+        """The fp16 GradScaler's current scale (1.0 without one), applied to inner-loop losses."""
+        trainer = self._trainer
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return float(scaler.get_scale())
+
+    def _backward_sync(self, last: bool):
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        if last or strategy is None or not hasattr(strategy, "block_backward_sync"):
+            return nullcontext()
+        return strategy.block_backward_sync()
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        self._require_grad_mode()
+        opt = self.optimizers()
+        opt.zero_grad()
+        chunks = batch.chunks(self.chunk_size) if self.chunk_size else [batch]
+        total, metric_values = torch.zeros((), device=self.device), []
+        for i, chunk in enumerate(chunks):
+            objectives, predictions = self.task_outputs(chunk, training=True)
+            loss = objectives.sum() / batch.num_tasks
+            with self._backward_sync(last=i == len(chunks) - 1):
+                self.manual_backward(loss)
+            total = total + loss.detach()
+            metric_values.append(self._per_task(task_metric, predictions.detach(), chunk.query_y))
+        if self._gradients_finite():
+            opt.step()
+        else:
+            self.skipped_steps += 1
+            warnings.warn(f"non-finite meta-gradient at step {self.global_step}: optimizer step skipped")
+            opt.zero_grad()
+        if self.scheduler_interval == "step":
+            self._step_scheduler()
+        name = self.metric_name(batch)
+        self.log("train/loss", total, prog_bar=True, batch_size=batch.num_tasks)
+        self.log(f"train/{name}", torch.cat(metric_values).mean(), prog_bar=True, batch_size=batch.num_tasks)
+        return total
+
+    def _gradients_finite(self) -> bool:
+        # fp16's GradScaler skips non-finite steps itself; this covers fp32/bf16. Gradients are already all-reduced,
+        # so every rank takes the same decision.
+        if self.inner_loss_scale() != 1.0:
+            return True
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Called after the precision plugin unscaled the gradients: clipping here acts on true gradient norms.
+        if self.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip_norm)
+
+    def _step_scheduler(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def on_train_epoch_end(self) -> None:
+        if self.scheduler_interval == "epoch":
+            self._step_scheduler()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: TaskBatch, stage: str) -> None:
+        self._require_grad_mode()
+        with torch.enable_grad():
+            values = self.task_metrics(batch)
+        for key, per_task in values.items():
+            name = f"{stage}/{key}"
+            if name not in self._eval_metrics:
+                self._eval_metrics[name] = MeanConfidenceInterval().to(self.device)
+            self._eval_metrics[name].update(per_task)
+
+    def _log_evaluation(self, stage: str) -> None:
+        for name, metric in list(self._eval_metrics.items()):
+            if not name.startswith(f"{stage}/") or not metric.update_called:
+                continue
+            mean, ci = metric.compute()
+            self.log(name, mean.float(), prog_bar=name.endswith(("acc", "mse")), sync_dist=False)
+            self.log(f"{name}_ci95", ci.float(), sync_dist=False)
+            metric.reset()
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def evaluation_results(self) -> dict[str, float]:
+        """The last logged evaluation values (e.g. ``{"test/acc": 0.98, "test/acc_ci95": 0.004}``)."""
+        return {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
