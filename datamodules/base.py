@@ -94,6 +94,13 @@ class EpisodicDataModule(pl.LightningDataModule):
         """
         raise NotImplementedError
 
+    def sample_tasks(self, split: str, generators: list[torch.Generator]) -> TaskBatch:
+        """Draw a meta-batch, task ``t`` from ``generators[t]`` only; must equal stacking :meth:`sample_task` calls.
+
+        Override to vectorize across tasks (the image datamodules gather a whole meta-batch at once).
+        """
+        return TaskBatch.stack([self.sample_task(split, g) for g in generators])
+
     def num_classes(self, split: str) -> int | None:
         """Classes available in ``split`` (``None`` where tasks are not drawn from classes)."""
         return None
@@ -141,6 +148,9 @@ class EpisodicDataModule(pl.LightningDataModule):
         def sample(generator: torch.Generator) -> Task:
             return self.sample_task(split, generator)
 
+        def sample_batch(generators: list[torch.Generator]) -> TaskBatch:
+            return self.sample_tasks(split, generators)
+
         if split == "train":
             return EpisodeLoader(
                 sample,
@@ -150,6 +160,7 @@ class EpisodicDataModule(pl.LightningDataModule):
                 num_batches=self.train_batches,
                 rank=rank,
                 world_size=world_size,
+                sample_batch=sample_batch,
             )
         return EpisodeLoader(
             sample,
@@ -159,6 +170,7 @@ class EpisodicDataModule(pl.LightningDataModule):
             num_episodes=self.val_episodes if split == "val" else self.test_episodes,
             rank=rank,
             world_size=world_size,
+            sample_batch=sample_batch,
         )
 
     def train_dataloader(self) -> EpisodeLoader:

@@ -21,6 +21,7 @@ from datamodules.task_batch import TaskBatch
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]
 TaskSampler = Callable[[torch.Generator], Task]
+BatchSampler = Callable[[list[torch.Generator]], TaskBatch]
 
 # Stream ids keep the splits' episodes independent even under one seed.
 STREAMS = {"train": 1, "val": 2, "test": 3, "predict": 4}
@@ -49,6 +50,8 @@ class EpisodeLoader:
         num_batches: training only: batches per epoch on each rank.
         num_episodes: evaluation only: the total number of fixed episodes, shared out over the ranks.
         rank, world_size: this process's place in distributed training.
+        sample_batch: optional; draws a whole meta-batch, task ``t`` from the ``t``-th generator only (to vectorize
+            the gather across tasks); replaces stacking ``sample_task`` calls.
 
     Exactly one of ``num_batches`` (a training stream, new episodes every epoch) and ``num_episodes`` (a fixed
     evaluation set) is given.
@@ -65,10 +68,12 @@ class EpisodeLoader:
         num_episodes: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        sample_batch: BatchSampler | None = None,
     ) -> None:
         if (num_batches is None) == (num_episodes is None):
             raise ValueError("give exactly one of num_batches (training) and num_episodes (evaluation)")
         self.sample_task = sample_task
+        self.sample_batch = sample_batch
         self.meta_batch_size = meta_batch_size
         self.seed = seed
         self.stream = stream
@@ -97,7 +102,10 @@ class EpisodeLoader:
         return [(self.seed, self.stream, self.rank, self.epoch, first + t) for t in range(self.meta_batch_size)]
 
     def batch(self, index: int) -> TaskBatch:
-        return TaskBatch.stack([self.sample_task(episode_generator(*keys)) for keys in self.episode_ids(index)])
+        generators = [episode_generator(*keys) for keys in self.episode_ids(index)]
+        if self.sample_batch is not None:
+            return self.sample_batch(generators)
+        return TaskBatch.stack([self.sample_task(g) for g in generators])
 
     def __iter__(self) -> Iterator[TaskBatch]:
         # Lightning does not prefetch from a sized loader, so batches handed out == batches consumed when a

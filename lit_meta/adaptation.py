@@ -19,6 +19,8 @@ Params = dict[str, Tensor]
 # A learning rate per step: one float for every parameter, or one (tensor or float) per parameter name.
 StepSize = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# A custom inner update ``(step, params, grads) -> new params`` (e.g. Reptile's Adam); the default is SGD.
+UpdateFn = Callable[[int, Params, Params], Params]
 
 
 def step_size_for(step_size: StepSize, name: str) -> float | Tensor:
@@ -39,6 +41,7 @@ def adapt(
     first_order: bool = False,
     context: Params | None = None,
     loss_scale: float = 1.0,
+    update: UpdateFn | None = None,
 ) -> list[Params]:
     """Take ``steps`` gradient steps on ``loss_fn(model(x), y)`` with respect to ``params``.
 
@@ -55,6 +58,9 @@ def adapt(
         context: parameters and buffers that are used but not adapted.
         loss_scale: multiplies the inner loss before differentiation and divides the gradient after, so that
             fp16 inner gradients do not underflow (pass the GradScaler's scale).
+        update: replaces the SGD step ``params - step_size * grads``: called as ``update(step, params, grads)``
+            with the (detached if ``first_order``, unscaled) gradients, it returns the new parameters; a stateful
+            callable carries optimizer state across steps (Reptile's inner Adam). ``step_size`` is then unused.
 
     Returns:
         The trajectory ``[params, params_1, ..., params_steps]``; the last entry is the adapted parameters.
@@ -68,7 +74,7 @@ def adapt(
     trajectory = [params]
     for step in range(steps):
         grads = torch.func.grad(inner_loss)(params)
-        lr = step_size(step) if callable(step_size) else step_size
+        lr = None if update is not None else step_size(step) if callable(step_size) else step_size
         new: Params = {}
         for name, value in params.items():
             g = grads[name]
@@ -76,8 +82,8 @@ def adapt(
                 g = g.detach()
             if loss_scale != 1.0:
                 g = g / loss_scale
-            new[name] = value - step_size_for(lr, name) * g
-        params = new
+            new[name] = g if update is not None else value - step_size_for(lr, name) * g
+        params = update(step, params, new) if update is not None else new
         trajectory.append(params)
     return trajectory
 

@@ -12,10 +12,59 @@ returns embeddings (what metric methods use).
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from datamodules.errors import ConfigError
+
+
+class Backbone(nn.Module):
+    """Base class that records how a backbone was built, so a checkpoint can rebuild it.
+
+    The record is ``{"class_path": ..., "init_args": {...}}`` (the LightningCLI format), which the algorithms store
+    in their hyper-parameters instead of a pickled module: checkpoints then load with ``torch.load(weights_only=True)``.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def recording_init(self, *args: Any, **kw: Any) -> None:
+            if "_backbone_spec" not in self.__dict__:  # the outermost class's arguments describe the object
+                bound = inspect.signature(init).bind(self, *args, **kw)
+                bound.apply_defaults()
+                init_args = {k: v for k, v in bound.arguments.items() if k != "self"}
+                self.__dict__["_backbone_spec"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+            init(self, *args, **kw)
+
+        cls.__init__ = recording_init
+
+
+def backbone_spec(module: nn.Module) -> dict[str, Any] | None:
+    """``{"class_path", "init_args"}`` of a :class:`Backbone`, or ``None`` for other modules."""
+    spec = module.__dict__.get("_backbone_spec")
+    if spec is None:
+        return None
+    return {"class_path": spec["class_path"], "init_args": dict(spec["init_args"])}
+
+
+def build_backbone(spec: dict[str, Any]) -> nn.Module:
+    """Instantiate a backbone from ``{"class_path", "init_args"}``."""
+    try:
+        module_name, _, class_name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (KeyError, ImportError, AttributeError) as err:
+        raise ConfigError(f"cannot build backbone {spec!r}: {err}") from None
+    return cls(**spec.get("init_args", {}))
 
 
 class BatchStatNorm(nn.Module):
@@ -39,14 +88,18 @@ class BatchStatNorm(nn.Module):
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 
-def conv_block(in_channels: int, out_channels: int, pool: str) -> nn.Sequential:
-    """3x3 conv, batch-statistics norm, ReLU, then 2x2 max-pool (``pool="max"``) or stride 2 (``pool="stride"``)."""
+def conv_block(in_channels: int, out_channels: int, pool: str, norm_eps: float = 1e-5) -> nn.Sequential:
+    """3x3 conv, batch-statistics norm, ReLU, then 2x2 max-pool (``pool="max"``) or stride 2 (``pool="stride"``).
+
+    This is Finn et al.'s ``conv_block``: with ``max_pool`` a stride-1 "SAME" conv followed by a 2x2/2 "VALID"
+    max-pool; without, a stride-2 "SAME" conv (PyTorch's ``padding=1`` gives the same output size, ``ceil(s / 2)``).
+    """
     if pool not in ("max", "stride"):
-        raise ValueError(f"pool must be 'max' or 'stride', got {pool!r}")
+        raise ConfigError(f"pool must be 'max' or 'stride', got {pool!r}")
     stride = 2 if pool == "stride" else 1
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
-        BatchStatNorm(out_channels),
+        BatchStatNorm(out_channels, eps=norm_eps),
         nn.ReLU(),
     ]
     if pool == "max":
@@ -54,8 +107,42 @@ def conv_block(in_channels: int, out_channels: int, pool: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class Conv4(nn.Module):
-    """The four-block CNN of Vinyals et al. / Finn et al.
+def maml_init_(module: nn.Module, head_init: str) -> None:
+    """Finn et al.'s initialization: Glorot-uniform conv weights, zero biases, unit/zero norm scale/shift.
+
+    The head is Glorot-uniform (``head_init="xavier"``, their mini-ImageNet network) or standard normal
+    (``head_init="normal"``, their Omniglot network, whose head reads 64 spatially averaged features), with a zero bias.
+    """
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Conv2d):
+            nn.init.xavier_uniform_(sub.weight)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Linear):
+            if head_init == "normal":
+                nn.init.normal_(sub.weight)
+            else:
+                nn.init.xavier_uniform_(sub.weight)
+            nn.init.zeros_(sub.bias)
+        elif isinstance(sub, BatchStatNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
+class Conv4(Backbone):
+    """The four-block CNN of Vinyals et al. / Finn et al. (2017).
+
+    Each block is a 3x3 convolution with ``hidden`` filters, batch-statistics normalization, ReLU and a 2x2
+    downsampling. Finn et al.'s two networks:
+
+    * Omniglot (28x28x1): ``hidden=64, pool="stride", embedding="mean"``: stride-2 convolutions instead of pooling
+      (28 -> 14 -> 7 -> 4 -> 2), the last feature map averaged over space, a 64 -> N head.
+    * mini-ImageNet (84x84x3): ``hidden=32, pool="max", embedding="flatten"``: 2x2 max-pooling
+      (84 -> 42 -> 21 -> 10 -> 5), the 32x5x5 feature map flattened, an 800 -> N head.
+
+    Differences from the TensorFlow original, kept deliberately: the normalization has a learnable scale (TF's
+    ``batch_norm`` default had none; initialized to 1 it starts identical), and it always uses the statistics of the
+    batch it sees, as the original did (``is_training`` was never switched off), so evaluation is transductive.
 
     Args:
         in_channels: image channels (1 for Omniglot, 3 for mini-ImageNet / CIFAR).
@@ -67,6 +154,10 @@ class Conv4(nn.Module):
         embedding: ``"flatten"`` the last feature map, or ``"mean"`` over its spatial positions (Finn et al. average
             for Omniglot).
         blocks: number of conv blocks (4).
+        init: ``"maml"``: Finn et al.'s initialization (Glorot-uniform convs, zero biases; head standard normal with
+            ``embedding="mean"`` as in their Omniglot network, Glorot-uniform with ``"flatten"`` as in their
+            mini-ImageNet one); ``"torch"``: PyTorch's default initialization.
+        norm_eps: the normalization's epsilon (1e-3, TensorFlow's ``batch_norm`` default that Finn et al. used).
     """
 
     def __init__(
@@ -78,21 +169,28 @@ class Conv4(nn.Module):
         image_size: int = 28,
         embedding: str = "flatten",
         blocks: int = 4,
+        init: str = "maml",
+        norm_eps: float = 1e-3,
     ) -> None:
         super().__init__()
         if embedding not in ("flatten", "mean"):
-            raise ValueError(f"embedding must be 'flatten' or 'mean', got {embedding!r}")
+            raise ConfigError(f"embedding must be 'flatten' or 'mean', got {embedding!r}")
+        if init not in ("maml", "torch"):
+            raise ConfigError(f"init must be 'maml' or 'torch', got {init!r}")
         self.in_channels, self.image_size, self.embedding = in_channels, image_size, embedding
         self.features = nn.Sequential(
-            *(conv_block(in_channels if i == 0 else hidden, hidden, pool) for i in range(blocks))
+            *(conv_block(in_channels if i == 0 else hidden, hidden, pool, norm_eps) for i in range(blocks))
         )
         size = image_size
         for _ in range(blocks):
             size = math.ceil(size / 2) if pool == "stride" else size // 2
         if size < 1:
-            raise ValueError(f"image_size {image_size} is too small for {blocks} downsampling blocks")
+            raise ConfigError(f"image_size {image_size} is too small for {blocks} downsampling blocks")
+        self.feature_size = size
         self.embedding_dim = hidden if embedding == "mean" else hidden * size * size
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features else None
+        if init == "maml":
+            maml_init_(self, head_init="normal" if embedding == "mean" else "xavier")
 
     def embed(self, x: Tensor) -> Tensor:
         h = self.features(x)
@@ -103,12 +201,99 @@ class Conv4(nn.Module):
         return self.head(z) if self.head is not None else z
 
 
-class SinusoidMLP(nn.Module):
+class ResidualBlock12(nn.Module):
+    """One block of ResNet-12: three 3x3 convs (norm, LeakyReLU between), a 1x1-conv shortcut, then 2x2 max-pool.
+
+    ``out = maxpool(lrelu(N3(C3(lrelu(N2(C2(lrelu(N1(C1(x))))))) + Ns(Cs(x)))))``
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, negative_slope: float = 0.1, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm1 = BatchStatNorm(out_channels, eps=norm_eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = BatchStatNorm(out_channels, eps=norm_eps)
+        self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm3 = BatchStatNorm(out_channels, eps=norm_eps)
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, bias=False), BatchStatNorm(out_channels, eps=norm_eps)
+        )
+        self.act = nn.LeakyReLU(negative_slope)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.act(self.norm2(self.conv2(out)))
+        out = self.norm3(self.conv3(out))
+        return self.pool(self.act(out + self.shortcut(x)))
+
+
+class ResNet12(Backbone):
+    """The ResNet-12 of few-shot learning (Oreshkin et al. 2018, Lee et al. 2019), with batch-statistics norm.
+
+    Four :class:`ResidualBlock12` of widths ``(64, 160, 320, 640)`` (the MetaOptNet widths; TADAM used
+    ``(64, 128, 256, 512)``), each halving the resolution (84 -> 42 -> 21 -> 10 -> 5), LeakyReLU(0.1). DropBlock is
+    left out (it needs per-task randomness and is a regularizer, not part of the architecture). Like :class:`Conv4`
+    it is exact under ``vmap`` with second-order gradients, because its normalization is :class:`BatchStatNorm`.
+
+    Args:
+        in_channels: image channels.
+        widths: output channels of the four blocks.
+        out_features: classes of the linear ``head``; ``None`` returns embeddings.
+        image_size: input height/width, to size the head when ``embedding="flatten"``.
+        embedding: ``"mean"`` (global average pooling, 640 features) or ``"flatten"`` (MetaOptNet's 640x5x5).
+        negative_slope: of the LeakyReLU.
+        norm_eps: the normalization's epsilon.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        widths: tuple[int, ...] = (64, 160, 320, 640),
+        out_features: int | None = None,
+        image_size: int = 84,
+        embedding: str = "mean",
+        negative_slope: float = 0.1,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        widths = tuple(widths)
+        if embedding not in ("flatten", "mean"):
+            raise ConfigError(f"embedding must be 'flatten' or 'mean', got {embedding!r}")
+        if not widths:
+            raise ConfigError("widths must name at least one block")
+        self.embedding = embedding
+        channels = (in_channels, *widths)
+        self.features = nn.Sequential(
+            *(ResidualBlock12(a, b, negative_slope, norm_eps) for a, b in zip(channels[:-1], channels[1:]))
+        )
+        size = image_size
+        for _ in widths:
+            size //= 2
+        if size < 1:
+            raise ConfigError(f"image_size {image_size} is too small for {len(widths)} pooling blocks")
+        self.feature_size = size
+        self.embedding_dim = widths[-1] if embedding == "mean" else widths[-1] * size * size
+        self.head = nn.Linear(self.embedding_dim, out_features) if out_features else None
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu", a=negative_slope)
+
+    def embed(self, x: Tensor) -> Tensor:
+        h = self.features(x)
+        return h.mean(dim=(2, 3)) if self.embedding == "mean" else h.flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.embed(x)
+        return self.head(z) if self.head is not None else z
+
+
+class SinusoidMLP(Backbone):
     """Finn et al.'s regression network: ``in -> 40 -> 40 -> out`` with ReLU."""
 
     def __init__(self, in_features: int = 1, hidden: tuple[int, ...] = (40, 40), out_features: int = 1) -> None:
         super().__init__()
-        sizes = (in_features, *hidden)
+        sizes = (in_features, *tuple(hidden))
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]

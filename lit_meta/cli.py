@@ -30,16 +30,25 @@ from lit_meta.algorithms.base import MetaLearner
 DEFAULT_CONFIG = Path(__file__).parent / "default.yaml"
 
 
+_NOISE = re.compile(
+    r"^(Does not validate against|Subtypes:|Errors:|Given value|Expected a <class 'NoneType'>|Expected a path but)"
+)
+
+
 def _one_line(message: str) -> str:
-    """The most telling line of a (possibly nested, multi-line) jsonargparse message."""
+    """The telling part of a (possibly nested, multi-line) jsonargparse message, as one line.
+
+    jsonargparse explains a bad ``--model``/``--data`` value as a union of alternatives (the class or ``None``);
+    the useful part is the innermost reason given for the class branch, e.g. "Option 'x' is not accepted".
+    """
     lines = [line.strip(" -\t") for line in str(message).splitlines() if line.strip(" -\t")]
     if not lines:
         return "invalid arguments"
-    telling = [line for line in lines if re.search(r"No action for key|Unexpected import|not found|Import path|does not exist|Key .* is required|Invalid|Unrecognized|unrecognized|Expected|not a valid|No such file|could not|Could not", line)]
-    first = lines[0]
-    if telling and telling[-1] != first:
-        return f"{first} ({telling[-1]})" if len(first) < 80 else telling[-1]
-    return first
+    head, reasons = lines[0], [line for line in lines[1:] if not _NOISE.match(line)]
+    if not reasons:
+        return head
+    reason = " ".join(reasons)
+    return f"{head} {reason}" if head.endswith(":") else f"{head}: {reason}"
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -128,14 +137,24 @@ class MetaCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
+def _user_error(err: BaseException) -> BaseException | None:
+    """The :class:`LitMetaError` behind ``err`` (jsonargparse and Lightning wrap what they catch), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, LitMetaError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m lit_meta`` and the ``lit-meta`` script."""
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
         MetaCLI(args=args)
-    except LitMetaError as err:
-        sys.stderr.write(f"error: {err}\n")
-        sys.exit(2)
-    except FileNotFoundError as err:
-        sys.stderr.write(f"error: {err}\n")
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        sys.stderr.write(f"error: {cause}\n")
         sys.exit(2)

@@ -1,6 +1,9 @@
 """One LightningModule per algorithm; all share :class:`~lit_meta.algorithms.base.MetaLearner`."""
 
+from lit_meta.algorithms.anil import ANIL
 from lit_meta.algorithms.base import MetaLearner
 from lit_meta.algorithms.maml import MAML
+from lit_meta.algorithms.metasgd import MetaSGD
+from lit_meta.algorithms.reptile import Reptile
 
-__all__ = ["MAML", "MetaLearner"]
+__all__ = ["ANIL", "MAML", "MetaLearner", "MetaSGD", "Reptile"]

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from datamodules.errors import ConfigError, LitMetaError
 from datamodules.task_batch import TaskBatch
 from lit_meta.adaptation import map_tasks
+from lit_meta.backbones import backbone_spec, build_backbone
 from lit_meta.metrics import MeanConfidenceInterval
+
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -45,8 +47,13 @@ def task_metric(prediction: Tensor, target: Tensor) -> Tensor:
 class MetaLearner(pl.LightningModule):
     """Base class of every meta-learning algorithm.
 
+    Hyper-parameters (every ``__init__`` argument of the algorithm) are saved in checkpoints; the backbone as its
+    ``{"class_path", "init_args"}`` record (see :class:`~lit_meta.backbones.Backbone`), so
+    ``Algorithm.load_from_checkpoint(path)`` rebuilds it and checkpoints load with ``weights_only=True``. A backbone
+    that is not a :class:`~lit_meta.backbones.Backbone` must be passed again: ``load_from_checkpoint(path, backbone=net)``.
+
     Args:
-        backbone: the network; see :mod:`lit_meta.backbones`.
+        backbone: the network (see :mod:`lit_meta.backbones`), or its ``{"class_path", "init_args"}`` record.
         optimizer: the outer (meta) optimizer, called with the parameters to optimize.
         lr_scheduler: optional scheduler of the outer optimizer, stepped every ``scheduler_interval``.
         scheduler_interval: ``"epoch"`` or ``"step"``.
@@ -59,7 +66,7 @@ class MetaLearner(pl.LightningModule):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
@@ -68,6 +75,17 @@ class MetaLearner(pl.LightningModule):
         grad_clip_norm: float | None = None,
     ) -> None:
         super().__init__()
+        if backbone is None:
+            raise ConfigError(
+                f"{type(self).__name__} needs a backbone: this checkpoint does not record how to build its own, so pass "
+                "it again, e.g. load_from_checkpoint(path, backbone=net)"
+            )
+        if isinstance(backbone, dict):
+            backbone = build_backbone(backbone)
+        # Collects the subclass's arguments too (Lightning walks the __init__ frames); modules and callables are
+        # kept out so checkpoints hold only plain data.
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        self.hparams["backbone"] = backbone_spec(backbone)
         if scheduler_interval not in ("epoch", "step"):
             raise ConfigError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         if chunk_size is not None and chunk_size <= 0:

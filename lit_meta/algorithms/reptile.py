@@ -1,0 +1,197 @@
+r"""Reptile (Nichol, Achiam & Schulman, "On First-Order Meta-Learning Algorithms", 2018).
+
+For each task, Reptile trains a copy of the initialization ``theta`` with ``k`` steps of SGD or Adam on the task's
+training data (no query loss), ``phi = U^k_S(theta)``, and moves the initialization toward the adapted weights:
+
+    theta <- theta + epsilon * (1/T) sum_t (phi_t - theta).
+
+Here the outer step goes through the shared manual-optimization skeleton (one ``manual_backward`` per step, so
+gradient accumulation over chunks and DDP's all-reduce work unchanged): the per-task objective is
+
+    J_t(theta) = 1/2 || theta - stopgrad(phi_t) ||^2,    grad J_t = theta - phi_t,
+
+and with the outer optimizer ``SGD(lr=epsilon)`` the step ``theta - epsilon * mean_t(theta - phi_t)`` is exactly
+Reptile's update. The paper anneals ``epsilon`` linearly to 0 (``LinearLR`` scheduler, see
+``configs/omniglot_reptile_*.yaml``).
+
+**Inner loop.** ``inner_optimizer="adam"`` is the paper's Adam with ``beta1 = 0``; its state starts fresh for every
+task (the reference code kept Adam's moments across tasks; here tasks run in parallel under ``vmap``).
+With ``inner_batch_size`` each step uses a mini-batch of the support set: the support set is put in shot-major
+order (one example of every class, then the next...) and steps take consecutive, wrapping slices of it, so every
+mini-batch is class-balanced and every example is used before any is repeated; this is deterministic where the
+reference code shuffled. To train on more examples per class than the evaluation shot count, as the paper did
+(e.g. 10 on Omniglot), set the datamodule's ``train_shots``.
+
+**Evaluation** adapts on the support set with ``eval_inner_steps`` (and ``eval_inner_batch_size``) and predicts the
+query set transductively (all query examples normalized together) or, with ``transductive=False``, each query example
+in a batch with the support set alone, as the paper's non-transductive results.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from datamodules.errors import ConfigError
+from lit_meta.adaptation import Params, adapt
+from lit_meta.algorithms.base import task_loss
+from lit_meta.algorithms.maml import MAML, predict_non_transductive
+
+
+def reptile_optimizer(params) -> torch.optim.Optimizer:
+    """Reptile's outer update: SGD with the outer step size ``epsilon = 1`` (the paper's Omniglot value)."""
+    return torch.optim.SGD(params, lr=1.0)
+
+
+class InnerAdam:
+    """Functional Adam for the inner loop, an ``update`` for :func:`lit_meta.adaptation.adapt`.
+
+    One instance per task and adaptation; it keeps the moments between calls. Same arithmetic as
+    :class:`torch.optim.Adam`: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
+    ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
+    """
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> None:
+        self.lr, self.betas, self.eps = lr, (float(betas[0]), float(betas[1])), eps
+        self.t = 0
+        self.m: Params = {}
+        self.v: Params = {}
+
+    def __call__(self, step: int, params: Params, grads: Params) -> Params:
+        self.t += 1
+        b1, b2 = self.betas
+        bias1, bias2 = 1.0 - b1**self.t, 1.0 - b2**self.t
+        new: Params = {}
+        for name, p in params.items():
+            g = grads[name]
+            m = (1.0 - b1) * g if name not in self.m else b1 * self.m[name] + (1.0 - b1) * g
+            v = (1.0 - b2) * g * g if name not in self.v else b2 * self.v[name] + (1.0 - b2) * g * g
+            self.m[name], self.v[name] = m, v
+            new[name] = p - (self.lr / bias1) * m / (v.sqrt() / math.sqrt(bias2) + self.eps)
+        return new
+
+
+def shot_major_order(labels: Tensor) -> Tensor:
+    """A permutation listing the first example of every class, then the second of every class, and so on.
+
+    Written with comparisons and a sort only, so it works per task under ``vmap`` (no data-dependent shapes).
+    """
+    n = labels.shape[0]
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=labels.device).tril(-1)  # earlier[i, j]: j < i
+    occurrence = (same & earlier).sum(dim=1)  # how many examples of i's class come before i
+    return torch.argsort(occurrence * n + torch.arange(n, device=labels.device))
+
+
+class Reptile(MAML):
+    """Reptile, with SGD or Adam in the inner loop.
+
+    Args:
+        backbone: the network being meta-learned.
+        inner_lr: the inner learning rate (of Adam or SGD).
+        inner_steps: inner steps per training task.
+        eval_inner_steps: inner steps at evaluation (the paper: 50 on Omniglot, 50 on mini-ImageNet).
+        inner_optimizer: ``"adam"`` (the paper's, with ``adam_betas``) or ``"sgd"``.
+        adam_betas: Adam's ``(beta1, beta2)``; the paper uses ``beta1 = 0``.
+        adam_eps: Adam's epsilon.
+        inner_batch_size: support examples per inner step in training (``None``: the whole support set).
+        eval_inner_batch_size: the same at evaluation.
+        transductive: evaluate whole query sets (``True``) or each query example with the support set only.
+        optimizer: the outer optimizer; ``SGD(lr=epsilon)`` gives Reptile's update exactly (default ``epsilon=1``).
+        **kwargs: see :class:`~lit_meta.algorithms.base.MetaLearner`. MAML's second-order and MAML++ options do not
+            apply: Reptile is first order and has no query loss.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        inner_lr: float = 0.001,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        inner_optimizer: str = "adam",
+        adam_betas: tuple[float, float] = (0.0, 0.999),
+        adam_eps: float = 1e-8,
+        inner_batch_size: int | None = None,
+        eval_inner_batch_size: int | None = None,
+        transductive: bool = True,
+        optimizer=reptile_optimizer,
+        **kwargs,
+    ) -> None:
+        # The CLI passes every MAML argument it knows of with its default; only a real request is an error.
+        for name in ("multi_step_loss", "lslr", "first_order_epochs"):
+            if kwargs.pop(name, None):
+                raise ConfigError(f"Reptile has no query loss or inner learning-rate meta-gradient: {name} does not apply")
+        kwargs.pop("first_order", None)  # always first order
+        kwargs.pop("msl_epochs", None)
+        if inner_optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"inner_optimizer must be 'adam' or 'sgd', got {inner_optimizer!r}")
+        for name, value in (("inner_batch_size", inner_batch_size), ("eval_inner_batch_size", eval_inner_batch_size)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
+        super().__init__(
+            backbone,
+            inner_lr,
+            inner_steps,
+            eval_inner_steps,
+            first_order=True,
+            transductive=transductive,
+            optimizer=optimizer,
+            **kwargs,
+        )
+        self.inner_optimizer = inner_optimizer
+        self.adam_betas = tuple(adam_betas)
+        self.adam_eps = adam_eps
+        self.inner_batch_size = inner_batch_size
+        self.eval_inner_batch_size = eval_inner_batch_size
+
+    def adapt_task(self, support_x: Tensor, support_y: Tensor, training: bool, steps: int | None = None) -> tuple[list[Params], Params]:
+        """Train a detached copy of the weights on the support set; returns ``([phi], buffers)``.
+
+        Reptile needs no graph through the inner loop (its objective stops the gradient at ``phi``), so the inner
+        loop runs on detached weights and keeps nothing for the backward pass.
+        """
+        params = {k: v.detach() for k, v in self.backbone.named_parameters()}
+        buffers = {k: v.detach() for k, v in self.backbone.named_buffers()}
+        steps = self.steps(training) if steps is None else steps
+        batch = self.inner_batch_size if training else self.eval_inner_batch_size
+        update = InnerAdam(self.inner_lr, self.adam_betas, self.adam_eps) if self.inner_optimizer == "adam" else None
+        options = dict(
+            loss_fn=task_loss,
+            step_size=self.inner_lr,
+            first_order=True,
+            context=buffers,
+            loss_scale=self.inner_loss_scale() if training else 1.0,
+            update=update,
+        )
+        n = support_x.shape[0]
+        if batch is None or batch >= n:
+            return [adapt(self.backbone, params, support_x, support_y, steps=steps, **options)[-1]], buffers
+        if not torch.is_floating_point(support_y):
+            order = shot_major_order(support_y)
+            support_x, support_y = support_x[order], support_y[order]
+        for step in range(steps):
+            index = torch.tensor([(step * batch + i) % n for i in range(batch)], device=support_x.device)
+            params = adapt(self.backbone, params, support_x[index], support_y[index], steps=1, **options)[-1]
+        return [params], buffers
+
+    def task_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        (phi,), buffers = self.adapt_task(support_x, support_y, training)
+
+        def forward(x: Tensor) -> Tensor:
+            return functional_call(self.backbone, {**buffers, **phi}, (x,))
+
+        if training:
+            # grad_theta of 1/2 ||theta - stopgrad(phi)||^2 is theta - phi: the outer SGD step is Reptile's.
+            theta = dict(self.backbone.named_parameters())
+            objective = 0.5 * sum(((theta[k] - phi[k].detach()) ** 2).sum() for k in theta)
+            with torch.no_grad():
+                predictions = forward(query_x)  # only for the training accuracy
+            return objective, predictions
+        if self.transductive:
+            predictions = forward(query_x)
+        else:
+            predictions = predict_non_transductive(forward, support_x, query_x, self.vectorize)
+        return task_loss(predictions, query_y), predictions

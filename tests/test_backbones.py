@@ -1,0 +1,189 @@
+"""Backbones: shapes of Finn et al.'s networks and ResNet-12, and exact second-order meta-gradients under vmap.
+
+Every backbone is checked three ways on the same tasks (float64, tiny shapes): MAML's ``meta_loss`` vectorized
+(``torch.func.vmap``), MAML's per-task loop, and an independent reference written here with
+``torch.autograd.grad(create_graph=True)``. Native BatchNorm fails the first comparison (DESIGN.md); these must not.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from datamodules import TaskBatch
+from lit_meta import MAML, BatchStatNorm, Conv4, ResNet12, SinusoidMLP
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def image_tasks(tasks: int, ways: int, shots: int, queries: int, channels: int, size: int, seed: int = 0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.randn(tasks, ways * shots, channels, size, size, generator=g, dtype=torch.float64)
+    qx = torch.randn(tasks, ways * queries, channels, size, size, generator=g, dtype=torch.float64)
+    sy = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
+    qy = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
+    return TaskBatch(sx, sy, qx, qy)
+
+
+def reference_maml_gradient(model: nn.Module, batch: TaskBatch, lr: float, steps: int) -> list[torch.Tensor]:
+    """Second-order MAML meta-gradient, one task at a time, with plain ``torch.autograd.grad``."""
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    total = None
+    for t in range(batch.num_tasks):
+        fast = dict(params)
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(model, fast, (batch.support_x[t],)), batch.support_y[t])
+            grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=True)
+            fast = {n: fast[n] - lr * g for n, g in zip(names, grads)}
+        query = F.cross_entropy(functional_call(model, fast, (batch.query_x[t],)), batch.query_y[t])
+        g = torch.autograd.grad(query, [params[n] for n in names])
+        total = list(g) if total is None else [a + b for a, b in zip(total, g)]
+    return [g / batch.num_tasks for g in total]
+
+
+def library_gradient(learner: MAML, batch: TaskBatch) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(learner.meta_loss(batch), list(learner.backbone.parameters())))
+
+
+def assert_rel_close(actual: list[torch.Tensor], expected: list[torch.Tensor], rtol: float = 1e-5) -> None:
+    """``||a - e|| <= rtol ||e||`` over all gradients together, and per tensor relative to the largest entry.
+
+    (Per tensor relative to its own norm would be ill-posed: a conv bias before a normalization has an exactly zero
+    meta-gradient, up to rounding.)
+    """
+    a, e = torch.cat([x.flatten() for x in actual]), torch.cat([x.flatten() for x in expected])
+    assert float(e.norm()) > 0
+    assert float((a - e).norm() / e.norm()) < rtol
+    scale = float(e.abs().max())
+    for x, y in zip(actual, expected):
+        assert float((x - y).abs().max()) / scale < rtol
+
+
+# ------------------------------------------------------------------------------------------------------- shapes
+def test_conv4_omniglot_is_finn_network():
+    """Finn et al. Omniglot: 64 filters, stride-2 convs (no pooling), spatial mean -> 64 features."""
+    net = Conv4(in_channels=1, hidden=64, out_features=20, pool="stride", image_size=28, embedding="mean")
+    assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+    assert all(m.stride == (2, 2) for m in net.modules() if isinstance(m, nn.Conv2d))
+    x = torch.randn(6, 1, 28, 28)
+    assert net.features(x).shape == (6, 64, 2, 2)  # 28 -> 14 -> 7 -> 4 -> 2, as TF's "SAME" padding
+    assert net.embed(x).shape == (6, 64) and net(x).shape == (6, 20)
+    assert net.head.in_features == 64
+    # Finn et al.'s parameter count: 4 convs with biases, 4 norms, the head.
+    expected = (9 * 1 * 64 + 64) + 3 * (9 * 64 * 64 + 64) + 4 * 2 * 64 + 64 * 20 + 20
+    assert sum(p.numel() for p in net.parameters()) == expected
+
+
+def test_conv4_miniimagenet_is_finn_network():
+    """Finn et al. mini-ImageNet: 32 filters, max-pool, 84x84 -> 32x5x5 flattened = 800 features."""
+    net = Conv4(in_channels=3, hidden=32, out_features=5, pool="max", image_size=84, embedding="flatten")
+    assert sum(isinstance(m, nn.MaxPool2d) for m in net.modules()) == 4
+    x = torch.randn(2, 3, 84, 84)
+    assert net.features(x).shape == (2, 32, 5, 5)
+    assert net.embed(x).shape == (2, 800) and net(x).shape == (2, 5)
+
+
+@torch.no_grad()
+def test_conv4_maml_initialization():
+    torch.manual_seed(0)
+    net = Conv4(hidden=64, out_features=5, pool="stride", embedding="mean")
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert all(float(c.bias.abs().max()) == 0 for c in convs)
+    bound = (6 / (64 * 9 + 64 * 9)) ** 0.5  # Glorot-uniform of a 64 -> 64 3x3 conv
+    assert float(convs[1].weight.abs().max()) <= bound
+    assert 0.8 < float(net.head.weight.std()) < 1.2  # Omniglot head: standard normal
+    assert float(net.head.bias.abs().max()) == 0
+    mini = Conv4(in_channels=3, hidden=32, out_features=5, image_size=84, embedding="flatten")
+    assert float(mini.head.weight.abs().max()) <= (6 / (800 + 5)) ** 0.5  # Glorot-uniform head
+    torch_init = Conv4(init="torch")
+    assert float(torch_init.features[0][0].bias.abs().max()) > 0
+
+
+def test_conv4_and_resnet12_without_head_return_embeddings():
+    assert Conv4(out_features=None, image_size=28)(torch.randn(3, 1, 28, 28)).shape == (3, 64)
+    net = ResNet12(in_channels=3, widths=(4, 5, 6, 7), out_features=None, image_size=32)
+    assert net.head is None and net(torch.randn(3, 3, 32, 32)).shape == (3, 7)
+
+
+def test_resnet12_structure_and_shapes():
+    net = ResNet12(in_channels=3, out_features=5, image_size=84)
+    blocks = list(net.features)
+    assert len(blocks) == 4
+    assert [b.conv3.out_channels for b in blocks] == [64, 160, 320, 640]
+    for b in blocks:
+        assert sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in b.modules()) == 3
+        assert isinstance(b.act, nn.LeakyReLU) and b.act.negative_slope == 0.1
+        assert isinstance(b.pool, nn.MaxPool2d)
+        assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in b.modules())
+    assert isinstance(net.head, nn.Linear) and net.head.in_features == 640
+    params = sum(p.numel() for p in net.features.parameters())
+    assert 12.3e6 < params < 12.5e6  # the usual "12.4M" ResNet-12
+    small = ResNet12(in_channels=3, widths=(4, 5, 6, 7), out_features=5, image_size=84)
+    x = torch.randn(2, 3, 84, 84)
+    assert small.features(x).shape == (2, 7, 5, 5)  # 84 -> 42 -> 21 -> 10 -> 5
+    assert small.embed(x).shape == (2, 7) and small(x).shape == (2, 5)
+    flat = ResNet12(widths=(4, 5, 6, 7), out_features=5, image_size=84, embedding="flatten")
+    assert flat.embedding_dim == 7 * 5 * 5 and flat(torch.randn(2, 3, 84, 84)).shape == (2, 5)
+
+
+def test_batch_stat_norm_equals_batchnorm_without_running_stats():
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 6, 6, dtype=torch.float64)
+    ours = BatchStatNorm(5).double()
+    ref = nn.BatchNorm2d(5, track_running_stats=False).double()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+        ref.weight.copy_(ours.weight)
+        ref.bias.copy_(ours.bias)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x))  # batch statistics in evaluation too
+
+
+def test_invalid_backbone_arguments():
+    with pytest.raises(ValueError, match="pool"):
+        Conv4(pool="avg")
+    with pytest.raises(ValueError, match="too small"):
+        Conv4(image_size=8, pool="max")
+    with pytest.raises(ValueError, match="embedding"):
+        ResNet12(embedding="max")
+
+
+# ------------------------------------------------------------------------------ exact meta-gradients under vmap
+BACKBONES = {
+    # Finn et al.'s Omniglot network (stride, mean) and mini-ImageNet network (max-pool, flatten), shrunk.
+    "conv4-stride-mean": (lambda: Conv4(1, hidden=4, out_features=3, pool="stride", image_size=8, embedding="mean"), 1, 8),
+    "conv4-max-flatten": (lambda: Conv4(3, hidden=4, out_features=3, pool="max", image_size=16, embedding="flatten"), 3, 16),
+    "resnet12-mean": (lambda: ResNet12(3, widths=(3, 4, 4, 5), out_features=3, image_size=16, embedding="mean"), 3, 16),
+    # Three blocks keep a 2x2 map to flatten at 16x16 (four would need 32x32: several times slower).
+    "resnet12-flatten": (lambda: ResNet12(1, widths=(2, 3, 4), out_features=3, image_size=16, embedding="flatten"), 1, 16),
+}
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_vmapped_second_order_meta_gradient_is_exact(name):
+    build, channels, size = BACKBONES[name]
+    torch.manual_seed(0)
+    backbone = build().double()
+    batch = image_tasks(tasks=3, ways=3, shots=2, queries=2, channels=channels, size=size)
+    lr, steps = 0.3, 2
+    expected = reference_maml_gradient(backbone, batch, lr, steps)
+    vmapped = library_gradient(MAML(backbone, inner_lr=lr, inner_steps=steps, vectorize=True), batch)
+    looped = library_gradient(MAML(backbone, inner_lr=lr, inner_steps=steps, vectorize=False), batch)
+    assert_rel_close(looped, expected)
+    assert_rel_close(vmapped, expected)
+    assert_rel_close(vmapped, looped)
+
+
+def test_sinusoid_mlp_vmapped_meta_gradient_is_exact():
+    torch.manual_seed(0)
+    backbone = SinusoidMLP(in_features=4, hidden=(8, 8), out_features=3).double()
+    g = torch.Generator().manual_seed(0)
+    sy = torch.arange(3).repeat(2).expand(4, -1).contiguous()
+    batch = TaskBatch(torch.randn(4, 6, 4, generator=g, dtype=torch.float64), sy, torch.randn(4, 6, 4, generator=g, dtype=torch.float64), sy)
+    expected = reference_maml_gradient(backbone, batch, 0.5, 3)
+    assert_rel_close(library_gradient(MAML(backbone, inner_lr=0.5, inner_steps=3, vectorize=True), batch), expected)
+    assert_rel_close(library_gradient(MAML(backbone, inner_lr=0.5, inner_steps=3, vectorize=False), batch), expected)

@@ -1,0 +1,82 @@
+"""The command line: a short real run, and one-line errors for bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lit_meta.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SINUSOID = REPO / "configs" / "sinusoid_maml.yaml"
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "lit_meta", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_fit_then_test_sinusoid(tmp_path):
+    result = run_cli(
+        "fit",
+        "--config",
+        str(SINUSOID),
+        "--trainer.max_epochs=2",
+        "--data.init_args.train_batches=150",
+        "--data.init_args.test_episodes=100",
+        "--trainer.enable_progress_bar=false",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpts = {p.name for p in (tmp_path / "runs").rglob("*.ckpt")}
+    assert "last.ckpt" in ckpts and any(name.startswith("best-") for name in ckpts)
+    # fit tests the best checkpoint afterwards: adaptation must already beat the unadapted initialization
+    metrics = (next((tmp_path / "runs").rglob("metrics.csv"))).read_text().splitlines()
+    header = metrics[0].split(",")
+    last = [row.split(",") for row in metrics[1:] if row.split(",")[header.index("test/mse")]][-1]
+    post, pre = float(last[header.index("test/mse")]), float(last[header.index("test/mse_pre")])
+    assert post < 0.7 * pre
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fit", "--config", "missing.yaml"], "missing.yaml"),
+        (["fit", "--config", "{bad"], "error"),
+        (["fit", "--config", str(SINUSOID), "--model.init_args.no_such_key=1"], "no_such_key"),
+        (["fit", "--config", str(SINUSOID), "--data.init_args.shots=0"], "shots must be a positive integer"),
+        (["fit", "--config", str(SINUSOID), "--data.init_args.queries=-3"], "queries must be a positive integer"),
+        (["fit", "--config", str(SINUSOID), "--model.init_args.inner_steps=0"], "inner_steps must be a positive integer"),
+        (["fit", "--config", str(SINUSOID), "--model=lit_meta.NoSuchAlgorithm"], "NoSuchAlgorithm"),
+        (["fit", "--config", str(SINUSOID), "--data=datamodules.NoSuchData"], "NoSuchData"),
+    ],
+    ids=["missing-config", "malformed-config", "unknown-key", "zero-shots", "negative-queries", "zero-steps", "unknown-model", "unknown-data"],
+)
+def test_bad_input_gives_one_line_error(tmp_path, monkeypatch, capsys, args, message):
+    # In-process (same code path as ``python -m lit_meta``, without paying for a new interpreter per case).
+    monkeypatch.chdir(tmp_path)
+    if args[-1] == "{bad":
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("model: [unclosed\n  : :")
+        args = ["fit", "--config", str(bad)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr
+    assert lines[-1].startswith("error: "), stderr[-2000:]
+    error_lines = [line for line in lines if line.startswith("error: ")]
+    assert len(error_lines) == 1
+    assert message in error_lines[0], error_lines[0]
+
+
+def test_print_config_lists_meta_learning_defaults(tmp_path):
+    result = run_cli("fit", "--config", str(SINUSOID), "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "inference_mode: false" in result.stdout
+    assert "class_path: lit_meta.MAML" in result.stdout or "class_path: lit_meta.algorithms.maml.MAML" in result.stdout
