@@ -90,6 +90,9 @@ class ClassImageDataModule(EpisodicDataModule):
             **options: anything else that changes the decoded images (e.g. ``invert``).
         """
         folder = cache_dir(data_dir, self.cache_dir)
+        # The data's location is part of the options: caches of two copies of a dataset (in one shared cache
+        # folder) are two caches, rather than each other's stale version.
+        options = {**options, "location": str(data_dir.resolve()) if data_dir is not None else "shipped"}
         return load_or_build(name, self.image_size, options, fingerprints, build, folder)
 
     def decode_classes(

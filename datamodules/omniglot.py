@@ -55,8 +55,10 @@ class OmniglotDataModule(ClassImageDataModule):
     """Omniglot episodes: the Vinyals or the Lake split, optionally tested on Lake's 20 one-shot runs.
 
     With ``root=None`` (the default) it needs no download: it meta-trains on the official small background sets
-    shipped in the package (``small1+small2``: 8 alphabets, 1,231 characters... see ``background``), validates on
-    whole alphabets carved out of them, and tests on Lake's 20 runs.
+    shipped in the package (``small1+small2``: 8 alphabets, 242 characters), validates on whole alphabets carved out
+    of them (by default Korean: 40 characters, leaving 202 for training), and tests on Lake's 20 runs (drawn from
+    the evaluation alphabets, so never seen in training). Validation cannot use the runs' training images: they hold
+    one drawing per class, too few for a support and a query.
 
     Args:
         root: folder with the official files (zips or extracted folders); ``None`` uses the shipped small sets.
@@ -96,7 +98,7 @@ class OmniglotDataModule(ClassImageDataModule):
     ) -> None:
         super().__init__(root, image_size, download=download, cache_dir=cache_dir, device=device, **kwargs)
         self.split = split or ("vinyals" if root is not None else "lake")
-        self.background = background or ("full" if root is not None else "small1+small2")
+        self.background = background or ("small1+small2" if root is None and self.split == "lake" else "full")
         self.test_set = test_set or ("split" if root is not None else "lake_runs")
         self.rotations = self.split == "vinyals" if rotations is None else bool(rotations)
         self.val_alphabets = val_alphabets
@@ -126,8 +128,8 @@ class OmniglotDataModule(ClassImageDataModule):
             raise ConfigError(f"{name}: val_alphabets must be a positive number of alphabets or a list of names")
         if self.split == "vinyals" and self.test_set == "lake_runs":
             warnings.warn(
-                "the Vinyals training split holds characters of the evaluation alphabets that Lake's runs are drawn "
-                "from; use split='lake' for a clean one-shot challenge result",
+                "78 of the 200 characters in Lake's runs are in the Vinyals training split (which takes 8 evaluation "
+                "alphabets); use split='lake' for a clean one-shot challenge result",
                 stacklevel=3,
             )
 
@@ -282,6 +284,12 @@ class OmniglotDataModule(ClassImageDataModule):
 
     def episode_loader(self, split: str) -> EpisodeLoader:
         if split == "test" and self.test_set == "lake_runs":
+            if self.ways != RUN_WAYS:
+                warnings.warn(
+                    f"Lake's runs are {RUN_WAYS}-way tasks while ways={self.ways}: a model with a fixed {self.ways}-way "
+                    f"output layer (MAML, ANIL, Meta-SGD) needs ways={RUN_WAYS} to be tested on them",
+                    stacklevel=2,
+                )
             rank, world_size = self._rank()
             return LakeRunsLoader(
                 self.store("test"),

@@ -66,7 +66,8 @@ class ClassStore:
         self.offsets = torch.as_tensor(offsets, dtype=torch.long)
         self.names = list(names)
         self._max_count = int(counts.max()) if len(counts) else 0
-        self._equal_counts = bool(len(counts)) and int(counts.min()) == self._max_count
+        self._min_count = int(counts.min()) if len(counts) else 0
+        self._equal_counts = self._min_count == self._max_count
 
     # ------------------------------------------------------------------------------------------------ structure
     @property
@@ -190,6 +191,11 @@ class ClassStore:
         .argsort()`` for all its classes). Support and query are ordered by label. Images are
         ``uint8 [T, N*K, C, H, W]`` (and ``[T, N*Q, ...]``) on the store's device, labels ``long [T, N*K]``.
         """
+        if ways > self.num_classes or shots + queries > self._min_count:
+            raise ValueError(
+                f"{ways}-way tasks of {shots}+{queries} images per class need {ways} classes of {shots + queries} images; "
+                f"the store has {self.num_classes} classes of at least {self._min_count}"
+            )
         classes = torch.tensor([_choose(self.num_classes, ways, g) for g in generators], dtype=torch.long)
         keys = torch.stack([torch.rand(ways, self._max_count, generator=g) for g in generators])
         if not self._equal_counts:
@@ -229,11 +235,17 @@ def user_cache_dir() -> Path:
         return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lit_meta"
 
 
-def _writable(folder: Path) -> bool:
-    """Whether files can be created in ``folder`` (created if missing); tried, since ``os.access`` says yes to root
-    on a read-only mount."""
+def _writable(data_dir: Path) -> bool:
+    """Whether a cache may be written in ``data_dir/.lit_meta_cache``.
+
+    A data folder without any write permission bit is read-only by intent, and left alone even by root (for whom
+    ``os.access`` says yes to everything); otherwise creating a file there is tried.
+    """
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not data_dir.stat().st_mode & 0o222:
+            return False
+        folder = data_dir / ".lit_meta_cache"
+        folder.mkdir(exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             return True
     except OSError:
@@ -246,14 +258,15 @@ def cache_dir(data_dir: str | os.PathLike | None, explicit: str | os.PathLike | 
     1. ``explicit`` (a datamodule's ``cache_dir`` argument);
     2. ``$LIT_META_CACHE``, when set: an explicit choice, so it also wins over a writable data folder (CI points it
        at a temp folder so that shared data is never written, even by root);
-    3. ``<data_dir>/.lit_meta_cache``, beside the data, when that folder is writable;
+    3. ``<data_dir>/.lit_meta_cache``, beside the data, when the data folder is writable (and has a write permission
+       bit: a folder marked read-only is not written even by root);
     4. the platform's user cache dir (:func:`user_cache_dir`, ``~/.cache/lit_meta``).
     """
     if explicit is not None:
         return Path(explicit).expanduser()
     if os.environ.get("LIT_META_CACHE"):
         return Path(os.environ["LIT_META_CACHE"]).expanduser()
-    if data_dir is not None and _writable(Path(data_dir) / ".lit_meta_cache"):
+    if data_dir is not None and _writable(Path(data_dir)):
         return Path(data_dir) / ".lit_meta_cache"
     return user_cache_dir()
 
