@@ -79,8 +79,10 @@ class HeadGenerator(nn.Module):
         super().__init__()
         self.set_context = set_context
         self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
+        # No bias on the output layer: a vector added to every class's row shifts all logits alike (before and after
+        # fine-tuning, whose weight gradients sum to zero over the classes), so it would never receive a gradient.
         self.decoder = nn.Sequential(
-            nn.Linear(2 * hidden if set_context else hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim + 1)
+            nn.Linear(2 * hidden if set_context else hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim + 1, bias=False)
         )
 
     def forward(self, means: Tensor) -> tuple[Tensor, Tensor]:
@@ -335,11 +337,11 @@ class MetaBGD(EmbeddingMetaLearner):
             "loss_pre": self._per_task(task_loss, before, batch.query_y),
         }
 
-    def accuracy_by_step(self, batch: TaskBatch, steps: int | None = None, init: str = "generated") -> Tensor:
-        """``[steps + 1, T]`` query accuracy of every task after ``0..steps`` fine-tuning steps from ``init``.
+    def metrics_by_step(self, batch: TaskBatch, steps: int | None = None, init: str = "generated") -> dict[str, Tensor]:
+        """Query ``acc`` and ``loss`` (``[steps + 1, T]`` each) of every task after ``0..steps`` fine-tuning steps.
 
         For analysis: compares the generated initialization with ``"zero"``/``"random"`` heads, before and after
-        fine-tuning.
+        fine-tuning (``steps`` defaults to ``eval_inner_steps``).
         """
         self._require_grad_mode()
 
@@ -347,8 +349,9 @@ class MetaBGD(EmbeddingMetaLearner):
             with torch.no_grad():
                 return torch.stack(self.adapted_logits(sx, sy, qx, training=False, steps=steps, init=init))
 
-        with torch.enable_grad(), self.episode_ways(batch):
+        with torch.enable_grad(), self.episode_ways(batch), self.inner_loop_precision():
             logits = map_tasks(per_task, batch.support_x, batch.support_y, batch.query_x, vectorize=self.vectorize, chunk_size=self.chunk_size)
-        # logits: [T, steps + 1, Q, N]
-        correct = (logits.argmax(-1) == batch.query_y.unsqueeze(1)).float().mean(-1)
-        return correct.transpose(0, 1)
+        logits = logits.transpose(0, 1)  # [steps + 1, T, Q, N]
+        targets = batch.query_y.expand(logits.shape[0], -1, -1)
+        loss = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(targets.shape).mean(-1)
+        return {"acc": (logits.argmax(-1) == targets).float().mean(-1), "loss": loss}

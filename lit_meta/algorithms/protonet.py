@@ -37,29 +37,28 @@ DISTANCES = ("euclidean", "cosine")
 
 
 class Temperature(nn.Module):
-    """A positive temperature ``T``: fixed (a buffer) or learnable (a parameter, stored as ``log T``).
+    """A positive temperature ``T``: fixed (a plain number) or learnable (a parameter, stored as ``log T``).
 
-    A fixed temperature is a buffer, not a frozen parameter, so that no parameter exists that never gets a gradient
-    (DDP would need ``find_unused_parameters`` for it).
+    A fixed temperature is no parameter at all, so that no parameter exists that never gets a gradient (DDP would
+    need ``find_unused_parameters`` for it), and dividing by it is exact in any precision.
     """
 
     def __init__(self, value: float, learnable: bool) -> None:
         super().__init__()
         if not value > 0:
             raise ConfigError(f"temperature must be positive, got {value!r}")
-        log_value = torch.tensor(math.log(value))
-        if learnable:
-            self.log_value = nn.Parameter(log_value)
-        else:
-            self.register_buffer("log_value", log_value)
+        self.fixed: float | None = None if learnable else float(value)
+        self.log_value = nn.Parameter(torch.tensor(math.log(value))) if learnable else None
 
     def forward(self, logits: Tensor) -> Tensor:
         """``logits / T``."""
+        if self.log_value is None:
+            return logits / self.fixed
         return logits * torch.exp(-self.log_value)
 
     @property
     def value(self) -> float:
-        return float(self.log_value.exp())
+        return self.fixed if self.log_value is None else float(self.log_value.detach().exp())
 
 
 def squared_distances(queries: Tensor, prototypes: Tensor) -> Tensor:
