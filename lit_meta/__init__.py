@@ -2,15 +2,19 @@
 
 from datamodules.errors import ConfigError, DataError, LitMetaError
 from datamodules.task_batch import TaskBatch
-from lit_meta.algorithms import ANIL, MAML, MetaLearner, MetaSGD, Reptile
+from lit_meta.algorithms import ANIL, MAML, MatchingNet, MetaBGD, MetaLearner, MetaSGD, ProtoNet, Reptile
 from lit_meta.backbones import BatchStatNorm, Conv4, ResNet12, SinusoidMLP
 from lit_meta.metrics import MeanConfidenceInterval
+from lit_meta.prediction import AdaptedModel, PredictionWriter, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptedModel",
     "ANIL",
     "MAML",
+    "MatchingNet",
+    "MetaBGD",
     "BatchStatNorm",
     "ConfigError",
     "Conv4",
@@ -19,8 +23,11 @@ __all__ = [
     "MeanConfidenceInterval",
     "MetaLearner",
     "MetaSGD",
+    "PredictionWriter",
+    "ProtoNet",
     "Reptile",
     "ResNet12",
     "SinusoidMLP",
     "TaskBatch",
+    "load_model",
 ]

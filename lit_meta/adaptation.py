@@ -9,7 +9,9 @@ Everything is written with ``torch.func`` (``functional_call`` + ``grad``), neve
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Union
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+from typing import Callable, Iterator, Mapping, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,29 @@ StepSize = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 # A custom inner update ``(step, params, grads) -> new params`` (e.g. Reptile's Adam); the default is SGD.
 UpdateFn = Callable[[int, Params, Params], Params]
+
+# Set by :func:`fp32_inner_loop` (the MetaLearner enters it around its steps when ``inner_loop_fp32``). A context
+# variable rather than an argument, so every algorithm's ``adapt`` calls follow it without passing it along.
+_INNER_FP32: ContextVar[bool] = ContextVar("lit_meta_inner_fp32", default=False)
+
+
+@contextmanager
+def fp32_inner_loop(enabled: bool = True) -> Iterator[None]:
+    """Run every :func:`adapt` inside the block in float32: autocast is disabled within the inner loop only.
+
+    Under ``16-mixed``/``bf16-mixed`` the rest of the step (query forward, outer backward) stays in mixed precision;
+    the support-set gradients and updates, the part that underflows in fp16 and loses most to bf16 rounding, are
+    computed in float32. ``enabled=False`` leaves the inner loop under whatever autocast is active.
+    """
+    token = _INNER_FP32.set(enabled)
+    try:
+        yield
+    finally:
+        _INNER_FP32.reset(token)
+
+
+def _to_fp32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def step_size_for(step_size: StepSize, name: str) -> float | Tensor:
@@ -57,7 +82,8 @@ def adapt(
             ``params`` with identity Jacobian.
         context: parameters and buffers that are used but not adapted.
         loss_scale: multiplies the inner loss before differentiation and divides the gradient after, so that
-            fp16 inner gradients do not underflow (pass the GradScaler's scale).
+            fp16 inner gradients do not underflow (pass the GradScaler's scale). Ignored inside
+            :func:`fp32_inner_loop`, where there is nothing to underflow.
         update: replaces the SGD step ``params - step_size * grads``: called as ``update(step, params, grads)``
             with the (detached if ``first_order``, unscaled) gradients, it returns the new parameters; a stateful
             callable carries optimizer state across steps (Reptile's inner Adam). ``step_size`` is then unused.
@@ -66,25 +92,42 @@ def adapt(
         The trajectory ``[params, params_1, ..., params_steps]``; the last entry is the adapted parameters.
     """
     context = context or {}
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    fp32 = autocast and _INNER_FP32.get()
+    if fp32:
+        loss_scale = 1.0
+        # Tensors computed under autocast (ANIL's features, MetaBGD's generated head) arrive in half precision:
+        # lift them to float32 (differentiably), or the un-autocast layers would see half or mixed dtypes.
+        x = _to_fp32(x)
+        params = {k: _to_fp32(v) for k, v in params.items()}
+        context = {k: _to_fp32(v) for k, v in context.items()}
+    # The forward runs under the caller's autocast (none in the fp32 inner loop); the backward, which
+    # torch.func.grad runs after inner_loss returned, runs with autocast off, as torch.amp prescribes: its ops then
+    # follow the forward's dtypes. Under an enabled autocast even the backward of float32 ops would drop to half
+    # precision (which would make the fp32 inner loop fp16 again where it matters: its gradients).
+    dtype = torch.get_autocast_dtype(device) if autocast else None
 
     def inner_loss(p: Params) -> Tensor:
-        out = functional_call(model, {**context, **p}, (x,))
-        return loss_fn(out, y) * loss_scale
+        with torch.autocast(device, dtype=dtype, enabled=not fp32) if autocast else nullcontext():
+            out = functional_call(model, {**context, **p}, (x,))
+            return loss_fn(out, y) * loss_scale
 
     trajectory = [params]
-    for step in range(steps):
-        grads = torch.func.grad(inner_loss)(params)
-        lr = None if update is not None else step_size(step) if callable(step_size) else step_size
-        new: Params = {}
-        for name, value in params.items():
-            g = grads[name]
-            if first_order:
-                g = g.detach()
-            if loss_scale != 1.0:
-                g = g / loss_scale
-            new[name] = g if update is not None else value - step_size_for(lr, name) * g
-        params = update(step, params, new) if update is not None else new
-        trajectory.append(params)
+    with torch.autocast(device, enabled=False) if autocast else nullcontext():
+        for step in range(steps):
+            grads = torch.func.grad(inner_loss)(params)
+            lr = None if update is not None else step_size(step) if callable(step_size) else step_size
+            new: Params = {}
+            for name, value in params.items():
+                g = grads[name]
+                if first_order:
+                    g = g.detach()
+                if loss_scale != 1.0:
+                    g = g / loss_scale
+                new[name] = g if update is not None else value - step_size_for(lr, name) * g
+            params = update(step, params, new) if update is not None else new
+            trajectory.append(params)
     return trajectory
 
 

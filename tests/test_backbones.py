@@ -18,6 +18,15 @@ from lit_meta import MAML, BatchStatNorm, Conv4, ResNet12, SinusoidMLP
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors on a shared 2-core machine: intra-op threads only contend (measured ~20x slower with 2 threads).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def image_tasks(tasks: int, ways: int, shots: int, queries: int, channels: int, size: int, seed: int = 0) -> TaskBatch:
     g = torch.Generator().manual_seed(seed)
     sx = torch.randn(tasks, ways * shots, channels, size, size, generator=g, dtype=torch.float64)

@@ -83,7 +83,7 @@ def predict_non_transductive(predict: Callable[[Tensor], Tensor], support_x: Ten
         return predict(torch.cat([support_x, q.unsqueeze(0)]))[-1]
 
     if vectorize:
-        return torch.func.vmap(one)(query_x)
+        return torch.func.vmap(one, randomness="different")(query_x)
     return torch.stack([one(q) for q in query_x])
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 
 import torch
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -117,7 +118,7 @@ class Reptile(MAML):
         inner_batch_size: int | None = None,
         eval_inner_batch_size: int | None = None,
         transductive: bool = True,
-        optimizer=reptile_optimizer,
+        optimizer: OptimizerCallable = reptile_optimizer,
         **kwargs,
     ) -> None:
         # The CLI passes every MAML argument it knows of with its default; only a real request is an error.
