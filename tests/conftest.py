@@ -9,6 +9,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The tests use tiny models, where intra-op threads cost more than they give (and oversubscribe the 2 CI cores when
+# a test starts worker processes).
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
