@@ -153,7 +153,7 @@ class MetaCLI(LightningCLI):
         if path and class_path and Path(path).is_file():
             requested = _model_class(class_path)
             if requested is not None:
-                check_algorithm(checkpoint_algorithm(read_checkpoint(path)), requested, f"checkpoint {path}", exact=True)
+                check_algorithm(checkpoint_algorithm(read_checkpoint(path)), requested, f"checkpoint {path}", relation="exact")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -256,7 +256,7 @@ def model_from_checkpoint(argv: list[str]) -> list[str]:
     if explicit and not explicit.lstrip().startswith(("{", "class_path")):
         requested = _model_class(explicit.strip())
         if requested is not None:
-            check_algorithm(recorded, requested, f"checkpoint {path}", exact=True)
+            check_algorithm(recorded, requested, f"checkpoint {path}", relation="exact")
     position = 1
     for i, arg in enumerate(argv):
         config = argv[i + 1] if arg in ("-c", "--config") and i + 1 < len(argv) else arg.partition("=")[2] if arg.startswith("--config=") else None
@@ -265,7 +265,7 @@ def model_from_checkpoint(argv: list[str]) -> list[str]:
         position = i + (2 if "=" not in arg else 1)
         requested = None if Path(config) == DEFAULT_CONFIG else _config_model_class(config)
         if requested is not None:
-            check_algorithm(recorded, requested, f"checkpoint {path}", exact=True)
+            check_algorithm(recorded, requested, f"checkpoint {path}", relation="exact")
     if recorded is None:
         return argv
     init_args = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}

@@ -8,21 +8,23 @@ after unscaling, episodic evaluation with 95% confidence intervals, and logging.
 
 from __future__ import annotations
 
-import warnings
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from datamodules.errors import ConfigError, LitMetaError
+from datamodules.predict_folder import InputFormat, input_format_of
 from datamodules.task_batch import TaskBatch
-from lit_meta.adaptation import map_tasks
+from lit_meta.adaptation import fp32_inner_loop, map_tasks
 from lit_meta.backbones import backbone_spec, build_backbone
 from lit_meta.metrics import MeanConfidenceInterval
+from lit_meta.prediction import CHECKPOINT_KEY, AdaptedModel, check_algorithm, checkpoint_algorithm, predict_batch, read_checkpoint
 
 
 
@@ -62,6 +64,9 @@ class MetaLearner(pl.LightningModule):
         chunk_size: at most this many tasks at once: training accumulates the meta-gradient chunk by chunk (one
             backward each, so peak memory is that of a chunk), evaluation vmaps in chunks. ``None``: all at once.
         grad_clip_norm: clip the meta-gradient to this norm (after fp16 unscaling); ``None`` disables.
+        inner_loop_fp32: under ``16-mixed``/``bf16-mixed``, run the per-task inner loops (support-set gradients and
+            updates) in float32 with autocast disabled, keeping the query forward and outer backward in mixed
+            precision; see :func:`~lit_meta.adaptation.fp32_inner_loop`. No effect in ``32-true``.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class MetaLearner(pl.LightningModule):
         vectorize: bool = True,
         chunk_size: int | None = None,
         grad_clip_norm: float | None = None,
+        inner_loop_fp32: bool = False,
     ) -> None:
         super().__init__()
         if backbone is None:
@@ -98,8 +104,12 @@ class MetaLearner(pl.LightningModule):
         self.vectorize = vectorize
         self.chunk_size = chunk_size
         self.grad_clip_norm = grad_clip_norm
+        self.inner_loop_fp32 = inner_loop_fp32
         self._eval_metrics: dict[str, MeanConfidenceInterval] = {}
         self.skipped_steps = 0
+        # What the inputs look like (channels, size, inversion, value range): taken from the training datamodule,
+        # saved in checkpoints, so prediction converts a user's images the way training did.
+        self.input_format: InputFormat | None = None
 
     # --------------------------------------------------------------------------------------------- subclass API
     def task_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, training: bool) -> tuple[Tensor, Tensor]:
@@ -127,9 +137,16 @@ class MetaLearner(pl.LightningModule):
             return self.task_step(sx, sy, qx, qy, training)
 
         chunk = None if training else self.chunk_size
-        return map_tasks(
-            one_task, batch.support_x, batch.support_y, batch.query_x, batch.query_y, vectorize=self.vectorize, chunk_size=chunk
-        )
+        with self.inner_loop_precision():
+            return map_tasks(
+                one_task,
+                batch.support_x,
+                batch.support_y,
+                batch.query_x,
+                batch.query_y,
+                vectorize=self.vectorize,
+                chunk_size=chunk,
+            )
 
     def meta_loss(self, batch: TaskBatch) -> Tensor:
         """The differentiable outer loss of a meta-batch: the mean over tasks of each task's objective."""
@@ -151,13 +168,26 @@ class MetaLearner(pl.LightningModule):
                 "Trainer(inference_mode=False) (the lit_meta CLI's default) or call outside torch.inference_mode()"
             )
 
-    def inner_loss_scale(self) -> float:
-        """The fp16 GradScaler's current scale (1.0 without one), applied to inner-loop losses."""
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The precision plugin's enabled fp16 GradScaler, or ``None`` (fp32, bf16, no trainer)."""
         trainer = self._trainer
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
-        if scaler is None or not scaler.is_enabled():
-            return 1.0
-        return float(scaler.get_scale())
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def inner_loss_scale(self) -> float:
+        """The fp16 GradScaler's current scale (1.0 without one), applied to inner-loop losses.
+
+        Lightning's scaler scales only ``manual_backward``; the inner loop differentiates with ``torch.func.grad``,
+        whose fp16 gradients underflow unless the inner loss is scaled too (and the gradients divided back, see
+        :func:`~lit_meta.adaptation.adapt`). Using the outer scaler's scale means an inner overflow shows up as a
+        non-finite meta-gradient, so the scaler skips the step and backs off exactly as for an outer overflow.
+        """
+        scaler = self.grad_scaler()
+        return 1.0 if scaler is None else float(scaler.get_scale())
+
+    def inner_loop_precision(self) -> AbstractContextManager[None]:
+        """The context the per-task inner loops run in: float32 without autocast when ``inner_loop_fp32``."""
+        return fp32_inner_loop(True) if self.inner_loop_fp32 else nullcontext()
 
     def _backward_sync(self, last: bool):
         strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
@@ -178,23 +208,34 @@ class MetaLearner(pl.LightningModule):
                 self.manual_backward(loss)
             total = total + loss.detach()
             metric_values.append(self._per_task(task_metric, predictions.detach(), chunk.query_y))
-        if self._gradients_finite():
-            opt.step()
-        else:
+        finite = self._gradients_finite()
+        if not finite:
+            # Drop the gradients but still take the step: optimizers leave parameters without a gradient (and their
+            # state) untouched, and Lightning counts the step, as it counts GradScaler's skipped fp16 steps, so
+            # global_step advances once per batch on every precision (and in lockstep on every DDP rank).
+            opt.zero_grad(set_to_none=True)
+        scaler = self.grad_scaler()
+        scale = scaler.get_scale() if scaler is not None else None
+        opt.step()
+        # GradScaler skips a non-finite step inside opt.step() and lowers its scale: that is how an fp16 skip shows.
+        if not finite or (scaler is not None and scaler.get_scale() < scale):
             self.skipped_steps += 1
-            warnings.warn(f"non-finite meta-gradient at step {self.global_step}: optimizer step skipped")
-            opt.zero_grad()
+            rank_zero_warn(
+                f"non-finite meta-gradient at step {self.global_step - 1}: optimizer step skipped "
+                f"({self.skipped_steps} skipped so far)"
+            )
         if self.scheduler_interval == "step":
             self._step_scheduler()
         name = self.metric_name(batch)
         self.log("train/loss", total, prog_bar=True, batch_size=batch.num_tasks)
         self.log(f"train/{name}", torch.cat(metric_values).mean(), prog_bar=True, batch_size=batch.num_tasks)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch.num_tasks)
         return total
 
     def _gradients_finite(self) -> bool:
-        # fp16's GradScaler skips non-finite steps itself; this covers fp32/bf16. Gradients are already all-reduced,
-        # so every rank takes the same decision.
-        if self.inner_loss_scale() != 1.0:
+        # fp16's GradScaler skips non-finite steps itself (its gradients are still scaled here); this covers
+        # fp32/bf16. Gradients are already all-reduced (inf and NaN survive the sum), so every rank decides alike.
+        if self.grad_scaler() is not None:
             return True
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
@@ -202,7 +243,9 @@ class MetaLearner(pl.LightningModule):
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Called after the precision plugin unscaled the gradients: clipping here acts on true gradient norms.
+        # Called inside opt.step(), after the precision plugin unscaled the gradients (and after the DDP all-reduce):
+        # clipping here acts on the true norm of the full meta-gradient, identically on every rank. Clipping in
+        # training_step would clip the scaled fp16 gradients, which then unscale to almost nothing.
         if self.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip_norm)
 
@@ -224,7 +267,8 @@ class MetaLearner(pl.LightningModule):
     # ----------------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: TaskBatch, stage: str) -> None:
         self._require_grad_mode()
-        with torch.enable_grad():
+        # The precision context here too: some algorithms evaluate without going through task_outputs.
+        with torch.enable_grad(), self.inner_loop_precision():
             values = self.task_metrics(batch)
         for key, per_task in values.items():
             name = f"{stage}/{key}"
@@ -256,3 +300,96 @@ class MetaLearner(pl.LightningModule):
     def evaluation_results(self) -> dict[str, float]:
         """The last logged evaluation values (e.g. ``{"test/acc": 0.98, "test/acc_ci95": 0.004}``)."""
         return {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
+
+    # ----------------------------------------------------------------------------------------------- prediction
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        class_names: list[str] | None = None,
+        steps: int | None = None,
+    ) -> AdaptedModel:
+        """Adapt to one labelled support set; the result classifies new examples.
+
+        ``adapted = model.adapt(support_x, support_y)``; ``adapted(query_x)`` gives class probabilities ``[Q, N]``,
+        ``adapted.predict(query_x)`` class indices. Works for every algorithm: it runs :meth:`task_step` with
+        ``training=False`` on the support set and the query inputs (placeholder query targets). Classify whole query
+        sets at once: batch-statistics backbones are transductive.
+
+        Args:
+            support_x: ``[n, ...]`` inputs: float as in training, or ``uint8`` pixels (converted with
+                :attr:`input_format`).
+            support_y: ``[n]`` labels ``0..N-1`` (every class present), or float targets for regression.
+            class_names: names of the ``N`` classes, for :meth:`AdaptedModel.predict_names`.
+            steps: inner steps of optimization-based methods (default ``eval_inner_steps``; 0: no adaptation).
+        """
+        return AdaptedModel(self, support_x, support_y, class_names=class_names, steps=steps)
+
+    def predict_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """``{"probabilities": [T, Q, N]}`` (regression: ``{"predictions": [T, Q, ...]}``) for every task of ``batch``.
+
+        The batch's query targets are ignored (only placeholders for the algorithms' losses).
+        """
+        predictions = predict_batch(self, batch)
+        if batch.is_classification:
+            return {"probabilities": torch.softmax(predictions, dim=-1)}
+        return {"predictions": predictions}
+
+    def _datamodule_format(self, split: str) -> InputFormat | None:
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return input_format_of(datamodule, split) if datamodule is not None else None
+
+    def on_fit_start(self) -> None:
+        # Record the training data's format (a fit that resumes from, or fine-tunes, a checkpoint updates it).
+        self.input_format = self._datamodule_format("train") or self.input_format
+
+    def _check_input_format(self, split: str) -> None:
+        if self.input_format is None or getattr(self._trainer, "state", None) is None or self.trainer.state.fn == "fit":
+            return
+        given = self._datamodule_format(split)
+        if given is not None and (given.channels, given.image_size) != (self.input_format.channels, self.input_format.image_size):
+            raise ConfigError(
+                f"this {type(self).__name__} was trained on {self.input_format.describe()} images, but the datamodule gives "
+                f"{given.describe()}: set the datamodule's image_size/channels to match, or use a checkpoint trained on them"
+            )
+
+    def on_validation_start(self) -> None:
+        self._check_input_format("val")
+
+    def on_test_start(self) -> None:
+        self._check_input_format("test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The algorithm is recorded even for models built in Python (only the CLI records ``_class_path``), so the
+        # CLI and ``MetaLearner.load_from_checkpoint`` know what to rebuild, and refuse a checkpoint of another one.
+        if self.input_format is None:
+            self.input_format = self._datamodule_format("train")
+        checkpoint[CHECKPOINT_KEY] = {
+            "algorithm": f"{type(self).__module__}.{type(self).__qualname__}",
+            "input_format": self.input_format.to_dict() if self.input_format is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_algorithm(checkpoint_algorithm(checkpoint), type(self), relation="related")
+        record = (checkpoint.get(CHECKPOINT_KEY) or {}).get("input_format")
+        if record:
+            self.input_format = InputFormat.from_dict(record)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None, strict: bool | None = None, **kwargs: Any) -> "MetaLearner":
+        """Lightning's ``load_from_checkpoint``, as the algorithm that wrote the checkpoint.
+
+        ``MetaLearner.load_from_checkpoint(path)`` (or :func:`lit_meta.load_model`) rebuilds whichever algorithm
+        wrote it; ``MAML.load_from_checkpoint`` on a ProtoNet checkpoint fails with a one-line :class:`ConfigError`
+        instead of an unexpected-argument error.
+        """
+        target = check_algorithm(checkpoint_algorithm(read_checkpoint(checkpoint_path)), cls, f"checkpoint {checkpoint_path}") or cls
+        if target is MetaLearner:
+            raise ConfigError(
+                f"checkpoint {checkpoint_path} does not record its algorithm: load it with the algorithm's class, e.g. "
+                "MAML.load_from_checkpoint(path)"
+            )
+        return super(MetaLearner, target).load_from_checkpoint(
+            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs
+        )

@@ -1,15 +1,22 @@
-"""Omniglot few-shot accuracy of the embedding methods (ProtoNet, MatchingNet, MetaBGD) within a wall-clock budget.
+"""Omniglot few-shot accuracy of every algorithm within a wall-clock budget.
 
 Trains on the real Omniglot (Vinyals split: 1028 / 172 / 423 characters, x4 with 90-degree rotations, 28x28) for
 ``--minutes`` of wall-clock time, then prints the test accuracy (mean +- 95% CI over ``--episodes`` fixed test
 episodes, last model, no validation-based selection) beside the published number, the wall times, and the accuracy on
 Lake et al.'s 20 one-shot runs (20-way within-alphabet, 400 test images).
 
-    python benchmarks/omniglot_metric.py                                   # ProtoNet 5-way 1-shot, 15 minutes
-    python benchmarks/omniglot_metric.py --ways 20 --shots 5 --minutes 30
-    python benchmarks/omniglot_metric.py --method matchingnet --minutes 15
-    python benchmarks/omniglot_metric.py --method metabgd --inner-steps 5
-    python benchmarks/omniglot_metric.py --minutes 1 --episodes 200        # a smoke run
+    python benchmarks/omniglot.py                                   # ProtoNet 5-way 1-shot, 15 minutes
+    python benchmarks/omniglot.py --ways 20 --shots 5 --minutes 30
+    python benchmarks/omniglot.py --method maml --minutes 20        # Finn et al.'s 5-way 1-shot setting
+    python benchmarks/omniglot.py --method fomaml --minutes 20
+    python benchmarks/omniglot.py --method matchingnet --minutes 15
+    python benchmarks/omniglot.py --method metabgd --inner-steps 5
+    python benchmarks/omniglot.py --minutes 1 --episodes 200        # a smoke run
+
+MAML / FOMAML / ANIL / Meta-SGD follow Finn et al. 2017: Conv-4 with stride-2 convs and a spatially averaged 64-d
+feature, a linear head; 5-way: one inner step alpha=0.4 in training, 3 at test, meta-batch 32; 20-way: 5 steps
+alpha=0.1, meta-batch 16; one query per class in training (the paper's K queries), Adam 1e-3. The paper trains
+60,000 meta-iterations; a bounded run here says how far it gets in the budget.
 
 Setup (Snell et al. 2017 for ProtoNet): Conv-4 (64 filters, 3x3 conv, batch-statistics norm, ReLU, 2x2 max-pool;
 64-d embeddings), support and query embedded jointly; ProtoNet trains on 60-way episodes with the test's shots and
@@ -41,9 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from datamodules import OmniglotDataModule  # noqa: E402
-from lit_meta.algorithms.matchingnet import MatchingNet  # noqa: E402
-from lit_meta.algorithms.metabgd import MetaBGD  # noqa: E402
-from lit_meta.algorithms.protonet import ProtoNet  # noqa: E402
+from lit_meta.algorithms import ANIL, MAML, MatchingNet, MetaBGD, MetaSGD, ProtoNet  # noqa: E402
 from lit_meta.backbones import Conv4  # noqa: E402
 
 #: Published Omniglot test accuracies (%), Vinyals split with rotations, Conv-4.
@@ -51,7 +56,12 @@ PAPER = {
     "protonet": ({(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9}, "Snell et al. 2017, Table 1"),
     "matchingnet": ({(5, 1): 98.1, (5, 5): 98.9, (20, 1): 93.8, (20, 5): 98.5}, "Vinyals et al. 2016, Table 1"),
     "metabgd": ({}, "no published number for this method"),
+    "maml": ({(5, 1): 98.7, (5, 5): 99.9, (20, 1): 95.8, (20, 5): 98.9}, "Finn et al. 2017, Table 1"),
+    "fomaml": ({(5, 1): 98.3, (5, 5): 99.2, (20, 1): 89.4, (20, 5): 97.9}, "Finn et al. 2017, Table 1"),
+    "anil": ({}, "no Omniglot number in Raghu et al. 2020"),
+    "metasgd": ({(5, 1): 99.53, (5, 5): 99.93, (20, 1): 95.93, (20, 5): 98.97}, "Li et al. 2017, Table 1"),
 }
+OPTIMIZATION = ("maml", "fomaml", "anil", "metasgd")
 LAKE_REFERENCE = "people 95.5, Bayesian Program Learning 96.7 (Lake et al. 2015)"
 
 
@@ -75,7 +85,10 @@ class WallClockCosine(torch.optim.lr_scheduler.LambdaLR):
 
 
 def build_model(args: argparse.Namespace, seconds: float) -> pl.LightningModule:
-    backbone = Conv4(in_channels=1, hidden=64, out_features=None, pool="max", image_size=28)
+    if args.method in OPTIMIZATION:
+        backbone = Conv4(in_channels=1, hidden=64, out_features=args.ways, pool="stride", image_size=28, embedding="mean")
+    else:
+        backbone = Conv4(in_channels=1, hidden=64, out_features=None, pool="max", image_size=28)
     common = dict(
         optimizer=lambda params: torch.optim.Adam(params, lr=args.lr),
         lr_scheduler=lambda optimizer: WallClockCosine(optimizer, seconds),
@@ -88,6 +101,16 @@ def build_model(args: argparse.Namespace, seconds: float) -> pl.LightningModule:
         return ProtoNet(backbone, distance=args.distance, **common)
     if args.method == "matchingnet":
         return MatchingNet(backbone, fce=args.fce, **common)
+    if args.method in OPTIMIZATION:
+        cls = {"maml": MAML, "fomaml": MAML, "anil": ANIL, "metasgd": MetaSGD}[args.method]
+        return cls(
+            backbone,
+            inner_lr=args.inner_lr,
+            inner_steps=args.inner_steps,
+            eval_inner_steps=args.eval_inner_steps,
+            first_order=args.method == "fomaml" or args.first_order,
+            **common,
+        )
     return MetaBGD(backbone, inner_lr=args.inner_lr, inner_steps=args.inner_steps, first_order=args.first_order, **common)
 
 
@@ -106,9 +129,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--distance", choices=["euclidean", "cosine"], default="euclidean", help="protonet")
     parser.add_argument("--fce", action="store_true", help="matchingnet: full-context embeddings")
-    parser.add_argument("--inner-steps", type=int, default=5, help="metabgd: fine-tuning steps")
-    parser.add_argument("--inner-lr", type=float, default=0.5, help="metabgd: fine-tuning learning rate")
-    parser.add_argument("--first-order", action="store_true", help="metabgd")
+    parser.add_argument("--inner-steps", type=int, default=None, help="inner steps in training (MAML 5-way: 1, 20-way: 5; metabgd: 5)")
+    parser.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at test (MAML 5-way: 3, 20-way: 5)")
+    parser.add_argument("--inner-lr", type=float, default=None, help="MAML 5-way: 0.4, 20-way: 0.1; metabgd: 0.5")
+    parser.add_argument("--first-order", action="store_true", help="maml family and metabgd")
     parser.add_argument("--split", choices=["vinyals", "lake"], default="vinyals")
     parser.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "omniglot")
     parser.add_argument("--no-lake-runs", action="store_true", help="skip Lake's 20 one-shot runs")
@@ -117,11 +141,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    protonet = args.method == "protonet"
+    protonet, optimization = args.method == "protonet", args.method in OPTIMIZATION
+    five_way = args.ways <= 5
     args.train_ways = args.train_ways or (60 if protonet else args.ways)
     args.train_shots = args.train_shots or args.shots
-    args.train_queries = args.train_queries or (5 if protonet else 15)
-    args.meta_batch_size = args.meta_batch_size or (1 if protonet else 4)
+    args.train_queries = args.train_queries or (5 if protonet else args.shots if optimization else 15)
+    args.meta_batch_size = args.meta_batch_size or (1 if protonet else (32 if five_way else 16) if optimization else 4)
+    if optimization:
+        args.inner_steps = args.inner_steps or (1 if five_way else 5)
+        args.eval_inner_steps = args.eval_inner_steps or (3 if five_way else 5)
+        args.inner_lr = args.inner_lr or (0.4 if five_way else 0.1)
+    else:
+        args.inner_steps = args.inner_steps or 5
+        args.eval_inner_steps = args.eval_inner_steps or args.inner_steps
+        args.inner_lr = args.inner_lr or 0.5
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*Lake's runs.*")  # the overlap is printed with the result
@@ -179,7 +212,15 @@ def main() -> None:
         lake = trainer.test(model, datamodule=runs, verbose=False)[0]
         lake_time = time.perf_counter() - start
 
-    name = {"protonet": "ProtoNet", "matchingnet": "MatchingNet" + (" (FCE)" if args.fce else ""), "metabgd": "MetaBGD"}[args.method]
+    name = {
+        "protonet": "ProtoNet",
+        "matchingnet": "MatchingNet" + (" (FCE)" if args.fce else ""),
+        "metabgd": "MetaBGD",
+        "maml": "MAML (second order)",
+        "fomaml": "FOMAML",
+        "anil": "ANIL",
+        "metasgd": "Meta-SGD",
+    }[args.method]
     numbers, source = PAPER[args.method]
     paper = numbers.get((args.ways, args.shots)) if args.split == "vinyals" else None
     paper_text = f"{paper:.1f} ({source})" if paper is not None else f"- ({source if not numbers else 'different setting'})"
@@ -194,6 +235,8 @@ def main() -> None:
     setting = f"{args.ways}-way {args.shots}-shot, {args.episodes} episodes"
     acc = f"{100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f}"
     print(f"  {setting:<34} {acc:>16}   {paper_text:<40} {test_time:>6.0f}s")
+    if optimization:
+        print(f"  {'  inner steps train / test, alpha':<34} {args.inner_steps} / {args.eval_inner_steps}, {args.inner_lr:g}")
     if args.method == "metabgd":
         pre = f"{100 * result['test/acc_pre']:.2f} ± {100 * result['test/acc_pre_ci95']:.2f}"
         print(f"  {'  (generated head, no fine-tuning)':<34} {pre:>16}")
