@@ -131,7 +131,24 @@ def maml_init_(module: nn.Module, head_init: str) -> None:
             nn.init.zeros_(sub.bias)
 
 
-class Conv4(Backbone):
+class ConvBackbone(Backbone):
+    """A convolutional ``features`` trunk, pooled by ``embedding`` (``"mean"`` or ``"flatten"``), and an optional
+    linear ``head``; subclasses build those three attributes."""
+
+    features: nn.Module
+    embedding: str
+    head: nn.Module | None
+
+    def embed(self, x: Tensor) -> Tensor:
+        h = self.features(x)
+        return h.mean(dim=(2, 3)) if self.embedding == "mean" else h.flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.embed(x)
+        return self.head(z) if self.head is not None else z
+
+
+class Conv4(ConvBackbone):
     """The four-block CNN of Vinyals et al. / Finn et al. (2017).
 
     Each block is a 3x3 convolution with ``hidden`` filters, batch-statistics normalization, ReLU and a 2x2
@@ -194,13 +211,6 @@ class Conv4(Backbone):
         if init == "maml":
             maml_init_(self, head_init="normal" if embedding == "mean" else "xavier")
 
-    def embed(self, x: Tensor) -> Tensor:
-        h = self.features(x)
-        return h.mean(dim=(2, 3)) if self.embedding == "mean" else h.flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = self.embed(x)
-        return self.head(z) if self.head is not None else z
 
 
 class ResidualBlock12(nn.Module):
@@ -230,7 +240,7 @@ class ResidualBlock12(nn.Module):
         return self.pool(self.act(out + self.shortcut(x)))
 
 
-class ResNet12(Backbone):
+class ResNet12(ConvBackbone):
     """The ResNet-12 of few-shot learning (Oreshkin et al. 2018, Lee et al. 2019), with batch-statistics norm.
 
     Four :class:`ResidualBlock12` of widths ``(64, 160, 320, 640)`` (the MetaOptNet widths; TADAM used
@@ -281,13 +291,6 @@ class ResNet12(Backbone):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu", a=negative_slope)
 
-    def embed(self, x: Tensor) -> Tensor:
-        h = self.features(x)
-        return h.mean(dim=(2, 3)) if self.embedding == "mean" else h.flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = self.embed(x)
-        return self.head(z) if self.head is not None else z
 
 
 class SinusoidMLP(Backbone):
