@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.errors import ConfigError
@@ -72,15 +73,23 @@ class BatchStatNorm(nn.Module):
 
     Equivalent to ``nn.BatchNorm{1,2}d(track_running_stats=False)`` but with exact higher-order gradients under
     ``vmap``.
+
+    ``fused=True`` calls PyTorch's native batch-norm kernel instead (about 1.5x faster per Conv-4 step on CPU). Its
+    *second-order* gradient under ``vmap`` is silently wrong, so it is only for methods without second-order terms
+    (ProtoNet, MatchingNet, first-order MAML, Reptile); the second-order algorithms refuse it (see
+    :func:`uses_fused_norm`).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, fused: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.fused = fused
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, momentum=0.0, eps=self.eps)
         dims = [0] + list(range(2, x.dim()))
         var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
         shape = [1, -1] + [1] * (x.dim() - 2)
@@ -90,7 +99,23 @@ class BatchStatNorm(nn.Module):
         return x * scale + (self.bias.view(shape) - mean * scale)
 
 
-def conv_block(in_channels: int, out_channels: int, pool: str, norm_eps: float = 1e-5) -> nn.Sequential:
+def uses_fused_norm(module: nn.Module) -> bool:
+    """Whether ``module`` contains a :class:`BatchStatNorm` with ``fused=True``."""
+    return any(isinstance(m, BatchStatNorm) and m.fused for m in module.modules())
+
+
+def refuse_fused_norm_for_second_order(backbone: nn.Module, second_order: bool, vectorize: bool, name: str) -> None:
+    """Raise a one-line error where a fused norm would make a vmapped second-order meta-gradient wrong."""
+    if second_order and vectorize and uses_fused_norm(backbone):
+        raise ConfigError(
+            f"{name}: the backbone's fused_norm gives wrong second-order gradients under vmap; set fused_norm: false, "
+            "first_order: true, or vectorize: false"
+        )
+
+
+def conv_block(
+    in_channels: int, out_channels: int, pool: str, norm_eps: float = 1e-5, fused_norm: bool = False
+) -> nn.Sequential:
     """3x3 conv, batch-statistics norm, ReLU, then 2x2 max-pool (``pool="max"``) or stride 2 (``pool="stride"``).
 
     This is Finn et al.'s ``conv_block``: with ``max_pool`` a stride-1 "SAME" conv followed by a 2x2/2 "VALID"
@@ -101,7 +126,7 @@ def conv_block(in_channels: int, out_channels: int, pool: str, norm_eps: float =
     stride = 2 if pool == "stride" else 1
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
-        BatchStatNorm(out_channels, eps=norm_eps),
+        BatchStatNorm(out_channels, eps=norm_eps, fused=fused_norm),
         nn.ReLU(),
     ]
     if pool == "max":
@@ -177,6 +202,8 @@ class Conv4(ConvBackbone):
             ``embedding="mean"`` as in their Omniglot network, Glorot-uniform with ``"flatten"`` as in their
             mini-ImageNet one); ``"torch"``: PyTorch's default initialization.
         norm_eps: the normalization's epsilon (1e-3, TensorFlow's ``batch_norm`` default that Finn et al. used).
+        fused_norm: use PyTorch's native batch-norm kernel (faster; first-order methods only, see
+            :class:`BatchStatNorm`).
     """
 
     def __init__(
@@ -190,6 +217,7 @@ class Conv4(ConvBackbone):
         blocks: int = 4,
         init: str = "maml",
         norm_eps: float = 1e-3,
+        fused_norm: bool = False,
     ) -> None:
         super().__init__()
         if embedding not in ("flatten", "mean"):
@@ -198,7 +226,7 @@ class Conv4(ConvBackbone):
             raise ConfigError(f"init must be 'maml' or 'torch', got {init!r}")
         self.in_channels, self.image_size, self.embedding = in_channels, image_size, embedding
         self.features = nn.Sequential(
-            *(conv_block(in_channels if i == 0 else hidden, hidden, pool, norm_eps) for i in range(blocks))
+            *(conv_block(in_channels if i == 0 else hidden, hidden, pool, norm_eps, fused_norm) for i in range(blocks))
         )
         size = image_size
         for _ in range(blocks):

@@ -196,3 +196,21 @@ def test_sinusoid_mlp_vmapped_meta_gradient_is_exact():
     expected = reference_maml_gradient(backbone, batch, 0.5, 3)
     assert_rel_close(library_gradient(MAML(backbone, inner_lr=0.5, inner_steps=3, vectorize=True), batch), expected)
     assert_rel_close(library_gradient(MAML(backbone, inner_lr=0.5, inner_steps=3, vectorize=False), batch), expected)
+
+
+def test_fused_norm_matches_batchstat_norm_and_is_refused_for_second_order():
+    import pytest
+    import torch
+
+    from lit_meta import MAML, ConfigError, Conv4, ProtoNet
+
+    torch.manual_seed(0)
+    plain = Conv4(hidden=8, out_features=None).double()
+    fused = Conv4(hidden=8, out_features=None, fused_norm=True).double()
+    fused.load_state_dict(plain.state_dict())
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), plain(x))
+    ProtoNet(fused)  # first-order methods may use it
+    MAML(Conv4(hidden=8, out_features=5, fused_norm=True), first_order=True)
+    with pytest.raises(ConfigError, match="fused_norm"):
+        MAML(Conv4(hidden=8, out_features=5, fused_norm=True))

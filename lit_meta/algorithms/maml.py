@@ -51,6 +51,7 @@ from datamodules.errors import ConfigError, require_positive
 from datamodules.task_batch import TaskBatch
 from lit_meta.adaptation import Params, StepSize, adapt, map_tasks
 from lit_meta.algorithms.base import MetaLearner, task_loss, task_metric
+from lit_meta.backbones import refuse_fused_norm_for_second_order
 
 
 def parameter_key(name: str) -> str:
@@ -130,6 +131,7 @@ class MAML(MetaLearner):
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
+        refuse_fused_norm_for_second_order(self.backbone, not first_order, self.vectorize, type(self).__name__)
         self.multi_step_loss = multi_step_loss
         self.msl_epochs = msl_epochs
         self.lslr = lslr

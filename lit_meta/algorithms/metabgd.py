@@ -59,7 +59,7 @@ from datamodules.task_batch import TaskBatch
 from lit_meta.adaptation import Params, adapt, map_tasks
 from lit_meta.algorithms.base import task_loss, task_metric
 from lit_meta.algorithms.embedding import EmbeddingMetaLearner, class_means
-from lit_meta.backbones import BatchStatNorm
+from lit_meta.backbones import BatchStatNorm, refuse_fused_norm_for_second_order
 
 FINETUNE = ("head", "all")
 INITS = ("generated", "zero", "random")
@@ -193,6 +193,7 @@ class MetaBGD(EmbeddingMetaLearner):
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
+        refuse_fused_norm_for_second_order(self.backbone, not first_order, self.vectorize, type(self).__name__)
         self.finetune = finetune
         if learn_inner_lr:
             self.inner_lr = nn.Parameter(torch.tensor(float(inner_lr)))
