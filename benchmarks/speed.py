@@ -22,7 +22,9 @@ otherwise (Finn et al. used 1).
 ``--steps`` steps of every method, the order rotating every round, so drifting machine load hits all methods alike.
 Reported: the median wall-clock seconds per step, the median process CPU seconds per step (all threads; less
 sensitive to other processes on a shared machine), and ``l2l/ours``: learn2learn's median of the same order
-(second or first) divided by the row's.
+(second or first) divided by the row's. On a machine shared with other jobs use ``--threads 1`` and compare the CPU
+columns: with more threads than free cores, OpenMP threads spin-wait for each other and steps of every method
+become several times slower at random (measured here: 1 s or 3 s for the same step).
 
 **Peak memory.** CPU: each configuration runs one meta-step in a child forked *before* any computation (so its
 OpenMP pool is its own), with the peak RSS reset (``/proc/self/clear_refs``) just before the step; reported is peak
@@ -347,6 +349,12 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     load = os.getloadavg()[0]
+    if args.device == "cpu" and torch.get_num_threads() > 1 and load >= 1.0:
+        print(
+            f"note: load average {load:.1f} with {torch.get_num_threads()} threads: other processes compete for the "
+            "cores, so multi-threaded steps stall on OpenMP barriers; --threads 1 gives steadier numbers",
+            file=sys.stderr,
+        )
     results = run(args)
     cpu_name = platform.processor() or platform.machine()
     print()
