@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 l2l: $(STAMP)
-	PYTHON=$(BIN)/python bash scripts/install_learn2learn.sh
+	PYTHON=$(CURDIR)/$(BIN)/python bash scripts/install_learn2learn.sh
 
 run: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m lit_meta fit

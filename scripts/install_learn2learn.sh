@@ -53,6 +53,8 @@ die() { printf '[install_learn2learn] ERROR: %s\n' "$*" >&2; exit 1; }
 
 command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON=$PYTHON not found"
 py_exe="$("$PYTHON" -c 'import sys; print(sys.executable)')"
+# The build runs in a temporary directory: a relative PYTHON (.venv/bin/python) would not resolve there.
+PYTHON="$py_exe"
 py_ver="$("$PYTHON" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
 log "target interpreter: $py_exe (Python $py_ver)"
 "$PYTHON" -m pip --version >/dev/null || die "pip is not available for $py_exe"
