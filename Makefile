@@ -24,7 +24,7 @@ run: $(STAMP)
 
 test: $(STAMP) l2l
 	LIT_META_REQUIRE_L2L=1 $(BIN)/python -m pytest -q tests
-	$(BIN)/python -m pytest -q --nbmake notebooks
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --nbmake --nbmake-timeout=1200 notebooks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
