@@ -20,7 +20,7 @@ l2l: $(STAMP)
 	PYTHON=$(CURDIR)/$(BIN)/python bash scripts/install_learn2learn.sh
 
 run: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m lit_meta fit
+	$(BIN)/python -m lit_meta fit
 
 test: $(STAMP) l2l
 	LIT_META_REQUIRE_L2L=1 $(BIN)/python -m pytest -q tests
