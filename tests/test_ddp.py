@@ -137,8 +137,6 @@ def task_ids(result: dict[str, Any]) -> list[str]:
 
 @pytest.mark.parametrize("name", list(scenarios.ALGORITHMS))
 def test_meta_gradient_equals_single_process_over_all_ranks_tasks(ddp, name):
-    if not scenarios.available(name):
-        pytest.skip(f"{scenarios.ALGORITHM_CLASSES[name]} is not in this checkout")
     r0, r1 = ddp(f"gradient_{name}")
     for key in r0["initial"]:
         assert torch.equal(r0["initial"][key], r1["initial"][key]), f"{key}: ranks started from different weights"
@@ -249,8 +247,6 @@ def test_nonfinite_step_is_skipped_on_every_rank(ddp, precision):
 
 @pytest.mark.parametrize("name", ["maml", "protonet"])
 def test_evaluation_covers_every_episode_once(ddp, name):
-    if not scenarios.available(name):
-        pytest.skip(f"{scenarios.ALGORITHM_CLASSES[name]} is not in this checkout")
     r0, r1 = ddp(f"evaluation_{name}")
     model, dm = scenarios.build(name)
     model.load_state_dict(r0["initial"])

@@ -275,8 +275,6 @@ CASES += [(name, precision, True) for name in INNER_LOOP for precision in ("bf16
 
 @pytest.mark.parametrize("name, precision, inner_fp32", CASES, ids=[f"{n}-{p}{'-fp32inner' if f else ''}" for n, p, f in CASES])
 def test_every_algorithm_trains_and_evaluates_in_mixed_precision(name, precision, inner_fp32):
-    if not scenarios.available(name):
-        pytest.skip(f"{scenarios.ALGORITHM_CLASSES[name]} is not in this checkout")
     model, dm = scenarios.build(name)
     model.inner_loop_fp32 = inner_fp32
     before = flat_params(model)
