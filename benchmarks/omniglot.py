@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))
 from datamodules import OmniglotDataModule  # noqa: E402
 from lit_meta.algorithms import ANIL, MAML, MatchingNet, MetaBGD, MetaSGD, ProtoNet  # noqa: E402
 from lit_meta.backbones import Conv4  # noqa: E402
+from common import quiet_trainer  # noqa: E402
 
 #: Published Omniglot test accuracies (%), Vinyals split with rotations, Conv-4.
 PAPER = {
@@ -184,16 +185,9 @@ def main() -> None:
     data_time = time.perf_counter() - start
 
     model = build_model(args, seconds)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_time={"seconds": seconds},
         max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         precision="32-true",
     )
     start = time.perf_counter()

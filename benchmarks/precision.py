@@ -33,6 +33,7 @@ from datamodules.base import EpisodicDataModule  # noqa: E402
 from lit_meta import MAML, Conv4, SinusoidMLP  # noqa: E402
 from lit_meta.algorithms.base import MetaLearner  # noqa: E402
 from lit_meta.callbacks import Throughput  # noqa: E402
+from common import quiet_trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "omniglot"
@@ -89,17 +90,10 @@ def run(args: argparse.Namespace, precision: str, inner_loop_fp32: bool) -> dict
     dm = build_datamodule(args)
     model = build_model(args, dm, inner_loop_fp32)
     throughput = Throughput(window=max(1, min(50, args.steps)))
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator=args.accelerator,
         devices=1,
         max_steps=args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         callbacks=[throughput],
         **precision_options(precision, args.accelerator),
     )

@@ -20,6 +20,7 @@ import lightning.pytorch as pl  # noqa: E402
 
 from datamodules import SinusoidDataModule  # noqa: E402
 from lit_meta import MAML, SinusoidMLP  # noqa: E402
+from common import quiet_trainer  # noqa: E402
 
 PAPER = {1: 0.67, 5: 0.38, 10: 0.35}  # the reference figures for 5-shot MAML
 
@@ -37,15 +38,8 @@ def main() -> None:
         shots=args.shots, queries=10, meta_batch_size=25, train_batches=per_epoch, test_episodes=600, seed=args.seed
     )
     model = MAML(SinusoidMLP(), inner_lr=0.01, inner_steps=1)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=args.iterations,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         accelerator="cpu",
     )
     start = time.perf_counter()
