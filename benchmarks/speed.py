@@ -15,8 +15,9 @@ al.'s Omniglot network with lit_meta's :class:`~lit_meta.backbones.BatchStatNorm
 learn2learn row with ``nn.BatchNorm2d(track_running_stats=False)``, what a learn2learn user would write).
 
 **Settings** (Finn et al.'s Omniglot): 5-way 1-shot, 1 inner step alpha=0.4, meta-batch 32; 20-way 1-shot,
-5 inner steps alpha=0.1, meta-batch 16. Queries per class: 15 (5-way) and 5 (20-way) unless ``--queries`` says
-otherwise (Finn et al. used 1).
+5 inner steps alpha=0.1, meta-batch 16; one query per class, as in Finn et al. and in
+``configs/omniglot_maml_{5w1s,20w1s}.yaml``. ``--queries 15`` gives the heavier load of most later papers (15 queries
+per class), where the query forward/backward dominates and the work per task is larger.
 
 **How it is timed.** All methods live in one process. After one warm-up step each, ``--repeats`` rounds run
 ``--steps`` steps of every method, the order rotating every round, so drifting machine load hits all methods alike.
@@ -115,8 +116,9 @@ class Result:
 
 # --------------------------------------------------------------------------------------------------- workload
 def settings(queries: int | None, quick: bool) -> list[Setting]:
-    five = Setting("5w1s", 5, 1, 15 if queries is None else queries, 32, 1, 0.4)
-    twenty = Setting("20w1s", 20, 1, 5 if queries is None else queries, 16, 5, 0.1)
+    queries = 1 if queries is None else queries  # Finn et al.'s and the configs': K queries per class, K = 1
+    five = Setting("5w1s", 5, 1, queries, 32, 1, 0.4)
+    twenty = Setting("20w1s", 20, 1, queries, 16, 5, 0.1)
     if quick:  # every code path, a fraction of the work
         five = Setting("5w1s-quick", 5, 1, 2, 4, 1, 0.4)
         twenty = Setting("20w1s-quick", 20, 1, 1, 2, 2, 0.1)
@@ -148,8 +150,8 @@ def make_network(setting: Setting, native_bn: bool = False) -> nn.Module:
     return net
 
 
-def make_step(method: Method, setting: Setting, batch: TaskBatch, device: torch.device) -> Callable[[], None]:
-    """A closure running one meta-step of ``method`` (its model and Adam state live in the closure)."""
+def make_step(method: Method, setting: Setting, batch: TaskBatch, device: torch.device) -> tuple[Callable[[], None], nn.Module]:
+    """A closure running one meta-step of ``method`` (its Adam state lives in the closure), and the network it trains."""
     if method.library == "lit_meta":
         learner = MAML(
             make_network(setting),
@@ -170,7 +172,7 @@ def make_step(method: Method, setting: Setting, batch: TaskBatch, device: torch.
                 (objectives.sum() / batch.num_tasks).backward()
             opt.step()
 
-        return step
+        return step, learner.backbone
 
     import learn2learn as l2l
 
@@ -189,7 +191,7 @@ def make_step(method: Method, setting: Setting, batch: TaskBatch, device: torch.
             p.grad.mul_(1.0 / batch.num_tasks)
         opt.step()
 
-    return step
+    return step, maml.module
 
 
 def synchronize(device: torch.device) -> None:
@@ -222,7 +224,7 @@ def cpu_peak_mb(method: Method, setting: Setting, threads: int | None, timeout: 
                 torch.set_num_threads(threads)
             device = torch.device("cpu")
             batch = make_batch(setting, device)
-            step = make_step(method, setting, batch, device)
+            step, _ = make_step(method, setting, batch, device)
             gc.collect()
             before = _status_kb("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -274,7 +276,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     for setting in all_settings:
         print(f"== {setting.name}: {setting.describe()}", flush=True)
         batch = make_batch(setting, device)
-        steps = {m.name: make_step(m, setting, batch, device) for m in methods}
+        steps = {m.name: make_step(m, setting, batch, device)[0] for m in methods}
         for m in methods:  # warm-up: allocator, oneDNN primitive caches, cuDNN autotuning
             if device.type == "cuda" and not args.no_memory:
                 rows[setting.name, m.name].peak_mb = cuda_peak_mb(steps[m.name], device)
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=1, help="timed meta-steps per method per round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all methods (interleaved)")
-    parser.add_argument("--queries", type=int, default=None, help="query examples per class in both settings")
+    parser.add_argument("--queries", type=int, default=None, help="query examples per class in both settings (default 1, as the configs)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--native-bn", action="store_true", help="add learn2learn with nn.BatchNorm2d")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")

@@ -25,6 +25,22 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+REQUIRE_L2L = os.environ.get("LIT_META_REQUIRE_L2L", "").strip().lower() in {"1", "true", "yes"}
+
+
+def import_learn2learn():
+    """Import the optional learn2learn, or skip the test with the reason (fail instead when ``LIT_META_REQUIRE_L2L=1``,
+    as in CI, so a broken install cannot pass as skipped)."""
+    try:
+        import learn2learn
+    except Exception as exc:  # a broken install (e.g. uncompiled Cython) is as unusable as a missing one
+        msg = f"learn2learn is not importable ({type(exc).__name__}: {exc}); install it with scripts/install_learn2learn.sh"
+        if REQUIRE_L2L:
+            pytest.fail(msg + " (LIT_META_REQUIRE_L2L=1)", pytrace=False)
+        pytest.skip(msg)
+    return learn2learn
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)

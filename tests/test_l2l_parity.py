@@ -17,7 +17,6 @@ learn2learn is optional: without it these tests skip, unless ``LIT_META_REQUIRE_
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import pytest
@@ -29,22 +28,16 @@ from datamodules import SinusoidDataModule, TaskBatch
 from lit_meta import ANIL, MAML, Conv4, MetaSGD, SinusoidMLP
 from lit_meta.algorithms.maml import parameter_key
 
-REQUIRE_L2L = os.environ.get("LIT_META_REQUIRE_L2L", "").strip().lower() in {"1", "true", "yes"}
+from conftest import import_learn2learn
+
 RTOL = 1e-5
 Grads = dict[str, Tensor]
 
 
 @pytest.fixture(scope="module")
 def l2l() -> Any:
-    """The learn2learn module; skip without it, or fail when ``LIT_META_REQUIRE_L2L=1``."""
-    try:
-        import learn2learn
-    except Exception as exc:  # a broken install (e.g. uncompiled Cython) is as unusable as a missing one
-        msg = f"learn2learn is not importable ({type(exc).__name__}: {exc}); install it with scripts/install_learn2learn.sh"
-        if REQUIRE_L2L:
-            pytest.fail(msg + " (LIT_META_REQUIRE_L2L=1)", pytrace=False)
-        pytest.skip(msg)
-    return learn2learn
+    """The learn2learn module (see :func:`conftest.import_learn2learn`)."""
+    return import_learn2learn()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,34 +10,19 @@ and that hand-written meta-gradient is itself checked against finite differences
 
 from __future__ import annotations
 
-import os
 from importlib import metadata
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import import_learn2learn
+
 L2L_VERSION = "0.2.0"
-REQUIRE_L2L = os.environ.get("LIT_META_REQUIRE_L2L", "").strip().lower() in {"1", "true", "yes"}
-
-
-def _import_l2l():
-    """Import learn2learn, or skip (fail when LIT_META_REQUIRE_L2L=1) with the reason."""
-    try:
-        import learn2learn
-    except Exception as exc:  # any import failure means "not importable"
-        msg = (
-            f"learn2learn is not importable ({type(exc).__name__}: {exc}); "
-            "install it with scripts/install_learn2learn.sh"
-        )
-        if REQUIRE_L2L:
-            pytest.fail(msg + " (LIT_META_REQUIRE_L2L=1)", pytrace=False)
-        pytest.skip(msg)
-    return learn2learn
 
 
 def test_learn2learn_version():
-    l2l = _import_l2l()
+    l2l = import_learn2learn()
     assert l2l.__version__ == L2L_VERSION
     assert metadata.version("learn2learn") == L2L_VERSION
     # The Cython extensions were compiled (not some pure-Python fallback or stale build).
@@ -107,7 +92,7 @@ def _manual(first_order: bool):
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 def test_maml_step_matches_manual_float64(first_order):
-    l2l = _import_l2l()
+    l2l = import_learn2learn()
     l2l_loss, l2l_grads, l2l_adapted = _l2l_maml(l2l, first_order)
     ref_loss, ref_grads, ref_adapted = _manual(first_order)
 
@@ -122,7 +107,7 @@ def test_maml_step_matches_manual_float64(first_order):
 def test_manual_meta_gradient_is_the_true_derivative():
     """Guards the reference itself: second-order meta-gradient == finite differences,
     and it differs from the first-order one (so the MAML check above can tell them apart)."""
-    _import_l2l()
+    import_learn2learn()
     xs, ys, xq, yq = _data()
     params = tuple(p.detach().clone().requires_grad_(True) for p in _model().parameters())
 
@@ -140,7 +125,7 @@ def test_manual_meta_gradient_is_the_true_derivative():
 
 
 def test_taskdataset_samples_valid_nway_kshot_task():
-    l2l = _import_l2l()
+    l2l = import_learn2learn()
     from learn2learn.data.transforms import ConsecutiveLabels, KShots, LoadData, NWays, RemapLabels
 
     n_classes, per_class, n, k = 6, 4, 3, 2

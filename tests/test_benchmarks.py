@@ -1,0 +1,69 @@
+"""benchmarks/speed.py compares like with like, and reports the ratio it claims.
+
+A speed ratio means something only if both sides do the same work: these tests check that one meta-step of every
+lit_meta row and of learn2learn's MAML (FOMAML), from the same initialization on the same tasks, computes the same
+meta-gradient; and that the printed ratio is learn2learn's time over ours.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, import_learn2learn
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import speed  # noqa: E402
+
+SMALL = speed.Setting("small", ways=5, shots=1, queries=2, tasks=3, inner_steps=2, inner_lr=0.4)
+
+
+def meta_gradient(method: speed.Method, batch) -> dict[str, torch.Tensor]:
+    """The gradient one benchmark step of ``method`` leaves on its network's parameters."""
+    step, network = speed.make_step(method, SMALL, batch, torch.device("cpu"))
+    step()
+    return {k: p.grad.detach().clone() for k, p in network.named_parameters()}
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["maml", "fomaml"])
+def test_every_row_computes_learn2learns_meta_gradient(first_order: bool) -> None:
+    import_learn2learn()
+    batch = speed.make_batch(SMALL, torch.device("cpu"))
+    reference = meta_gradient(speed.Method("l2l", "l2l", first_order=first_order), batch)
+    ours = [m for m in speed.METHODS if m.library == "lit_meta" and m.first_order == first_order]
+    assert ours, "no lit_meta row of this order"
+    for method in ours:
+        grads = meta_gradient(method, batch)
+        assert grads.keys() == reference.keys()
+        for name, g in grads.items():
+            if name.startswith("features.") and name.endswith(".0.bias"):
+                continue  # a conv bias feeding a batch-statistics norm has zero gradient: only rounding noise is left
+            error = (g - reference[name]).norm() / reference[name].norm()
+            assert error < 1e-4, f"{method.name}: {name} differs from learn2learn's by {error:.1e} (relative)"
+
+
+def test_the_ratio_is_learn2learns_time_over_ours() -> None:
+    results = [
+        speed.Result("5w1s", "ours MAML vmap", wall=[0.5, 0.4, 0.6], cpu=[1.0, 0.8, 1.2]),
+        speed.Result("5w1s", "l2l MAML", wall=[2.0, 1.0, 3.0], cpu=[2.0, 2.0, 2.0]),
+        speed.Result("5w1s", "ours FOMAML vmap", wall=[0.25], cpu=[0.5]),
+        speed.Result("5w1s", "l2l FOMAML", wall=[0.5], cpu=[0.5]),
+    ]
+    rows = {line.split()[1] + " " + line.split()[2]: line.split() for line in speed.table(results).splitlines()[2:]}
+    assert rows["ours MAML"][-2:] == ["4.00", "2.00"]  # medians: 2.0 / 0.5 wall, 2.0 / 1.0 cpu
+    assert rows["ours FOMAML"][-2:] == ["2.00", "1.00"]  # against the first-order baseline, not MAML's
+
+
+def test_quick_run_prints_every_method(capsys: pytest.CaptureFixture[str]) -> None:
+    import_learn2learn()
+    speed.main(["--quick", "--no-memory", "--threads", "1"])
+    out = capsys.readouterr().out
+    for setting in speed.settings(None, quick=True):
+        for method in speed.METHODS:
+            line = next((l for l in out.splitlines() if l.startswith(setting.name) and method.name in l), None)
+            assert line is not None, f"no row for {setting.name} / {method.name}"
+            fields = line.split()
+            assert float(fields[len(method.name.split()) + 1]) > 0  # s/step
