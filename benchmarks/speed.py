@@ -14,6 +14,12 @@ network from the same initialization: ``Conv4(hidden=64, pool="stride", embeddin
 al.'s Omniglot network with lit_meta's :class:`~lit_meta.backbones.BatchStatNorm` (``--native-bn`` adds a
 learn2learn row with ``nn.BatchNorm2d(track_running_stats=False)``, what a learn2learn user would write).
 
+**End to end** (``--end-to-end``): each step first samples its meta-batch from the real Omniglot with the library's
+own data pipeline, as a training loop does: lit_meta's ``OmniglotDataModule`` loader (episodes gathered from a decoded
+uint8 tensor store) and learn2learn's ``TaskDataset`` with the transforms of its Omniglot example (every image decoded
+and resized when a task draws it; see benchmarks/sampling.py). This is what a researcher's run costs per step; the
+default, a fixed meta-batch, isolates the meta-learning computation.
+
 **Settings** (Finn et al.'s Omniglot): 5-way 1-shot, 1 inner step alpha=0.4, meta-batch 32; 20-way 1-shot,
 5 inner steps alpha=0.1, meta-batch 16; one query per class, as in Finn et al. and in
 ``configs/omniglot_maml_{5w1s,20w1s}.yaml``. ``--queries 15`` gives the heavier load of most later papers (15 queries
@@ -40,16 +46,20 @@ import json
 import os
 import platform
 import select
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -150,8 +160,18 @@ def make_network(setting: Setting, native_bn: bool = False) -> nn.Module:
     return net
 
 
-def make_step(method: Method, setting: Setting, batch: TaskBatch, device: torch.device) -> tuple[Callable[[], None], nn.Module]:
-    """A closure running one meta-step of ``method`` (its Adam state lives in the closure), and the network it trains."""
+Batches = Callable[[], TaskBatch]
+
+
+def make_step(
+    method: Method, setting: Setting, batch: TaskBatch | Batches, device: torch.device
+) -> tuple[Callable[[], None], nn.Module]:
+    """A closure running one meta-step of ``method`` (its Adam state lives in the closure), and the network it trains.
+
+    ``batch`` is the meta-batch of every step, or a callable returning each step's (end-to-end mode: sampling it is
+    part of the step).
+    """
+    next_batch: Batches = batch if callable(batch) else lambda: batch
     if method.library == "lit_meta":
         learner = MAML(
             make_network(setting),
@@ -162,12 +182,12 @@ def make_step(method: Method, setting: Setting, batch: TaskBatch, device: torch.
             chunk_size=method.chunk_size,
         ).to(device)
         opt = torch.optim.Adam(learner.parameters(), lr=OUTER_LR)
-        chunks = batch.chunks(method.chunk_size) if method.chunk_size else [batch]
 
         def step() -> None:
             # MetaLearner.training_step without Lightning's logging and metrics.
+            batch = next_batch()
             opt.zero_grad()
-            for chunk in chunks:
+            for chunk in batch.chunks(method.chunk_size) if method.chunk_size else [batch]:
                 objectives, _ = learner.task_outputs(chunk, training=True)
                 (objectives.sum() / batch.num_tasks).backward()
             opt.step()
@@ -181,6 +201,7 @@ def make_step(method: Method, setting: Setting, batch: TaskBatch, device: torch.
 
     def step() -> None:
         # learn2learn's examples/vision/maml_omniglot.py loop.
+        batch = next_batch()
         opt.zero_grad()
         for t in range(batch.num_tasks):
             learner = maml.clone()
@@ -192,6 +213,41 @@ def make_step(method: Method, setting: Setting, batch: TaskBatch, device: torch.
         opt.step()
 
     return step, maml.module
+
+
+def end_to_end_sources(setting: Setting, root: Path, cache: Path, device: torch.device) -> dict[str, Batches]:
+    """Each library's own episode sampler on the real Omniglot (Vinyals training characters for lit_meta, all
+    characters for learn2learn), returning a meta-batch on ``device``: ``{"lit_meta": ..., "l2l": ...}``.
+
+    lit_meta: ``OmniglotDataModule``'s training loader (uint8 tensor store; the float conversion its
+    ``on_after_batch_transfer`` does is included). learn2learn: ``TaskDataset.sample()`` once per task, with the
+    transforms of its Omniglot example (benchmarks/sampling.py builds it), the examples split into support and query.
+    """
+    from datamodules import OmniglotDataModule
+    from sampling import learn2learn_tasksets
+
+    dm = OmniglotDataModule(
+        root, ways=setting.ways, shots=setting.shots, queries=setting.queries, meta_batch_size=setting.tasks,
+        train_batches=10**9, cache_dir=cache,
+    )
+    loader = iter(dm.train_dataloader())
+    factory = learn2learn_tasksets(root)
+    if isinstance(factory, str):
+        raise RuntimeError(f"learn2learn: {factory}")
+    sample = factory(setting.ways, setting.shots, setting.queries)
+    per_class = setting.shots + setting.queries
+
+    def l2l_batch() -> TaskBatch:
+        tasks = []
+        for _ in range(setting.tasks):
+            x, y = sample()
+            x = x[torch.argsort(y, stable=True)].view(setting.ways, per_class, *x.shape[1:])
+            tasks.append((x[:, : setting.shots].flatten(0, 1), x[:, setting.shots :].flatten(0, 1)))
+        labels = lambda k: torch.arange(setting.ways).repeat_interleave(k).expand(setting.tasks, -1)  # noqa: E731
+        support, query = (torch.stack(part) for part in zip(*tasks))
+        return TaskBatch(support, labels(setting.shots), query, labels(setting.queries)).to(device)
+
+    return {"lit_meta": lambda: dm.prepare_batch(next(loader).to(device)), "l2l": l2l_batch}
 
 
 def synchronize(device: torch.device) -> None:
@@ -268,15 +324,20 @@ def run(args: argparse.Namespace) -> list[Result]:
     rows = {(s.name, m.name): Result(s.name, m.name) for s in all_settings for m in methods}
     # CPU memory first, for every setting: the children must fork before this process has run any OpenMP region
     # (libgomp's pool does not survive fork: a child of a process that has computed hangs on a futex).
-    if device.type == "cpu" and not args.no_memory:
+    if device.type == "cpu" and not args.no_memory and not args.end_to_end:
         for s in all_settings:
             for m in methods:
                 rows[s.name, m.name].peak_mb = cpu_peak_mb(m, s, args.threads)
                 print(f"  peak memory {s.name} / {m.name}: {rows[s.name, m.name].peak_mb} MB", flush=True)
+    cache = Path(tempfile.mkdtemp(prefix="lit_meta_speed_")) if args.end_to_end else None
     for setting in all_settings:
         print(f"== {setting.name}: {setting.describe()}", flush=True)
-        batch = make_batch(setting, device)
-        steps = {m.name: make_step(m, setting, batch, device)[0] for m in methods}
+        if args.end_to_end:
+            sources = end_to_end_sources(setting, args.root, cache, device)
+            steps = {m.name: make_step(m, setting, sources[m.library], device)[0] for m in methods}
+        else:
+            batch = make_batch(setting, device)
+            steps = {m.name: make_step(m, setting, batch, device)[0] for m in methods}
         for m in methods:  # warm-up: allocator, oneDNN primitive caches, cuDNN autotuning
             if device.type == "cuda" and not args.no_memory:
                 rows[setting.name, m.name].peak_mb = cuda_peak_mb(steps[m.name], device)
@@ -294,8 +355,10 @@ def run(args: argparse.Namespace) -> list[Result]:
                     row.wall.append(time.perf_counter() - wall)
                     row.cpu.append(time.process_time() - cpu)
             print(f"  round {r + 1}/{args.repeats} done (load average {os.getloadavg()[0]:.1f})", flush=True)
-        del steps, batch
+        steps.clear()
         gc.collect()
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
     return list(rows.values())
 
 
@@ -336,6 +399,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--native-bn", action="store_true", help="add learn2learn with nn.BatchNorm2d")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--quick", action="store_true", help="tiny settings, one repetition: a smoke run")
+    parser.add_argument(
+        "--end-to-end", action="store_true",
+        help="each step first samples its meta-batch with the library's own data pipeline from the real Omniglot",
+    )
+    parser.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "omniglot", help="for --end-to-end")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -364,6 +432,11 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, device {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f" ({cpu_name}, {os.cpu_count()} cores)")
         + f", {torch.get_num_threads()} threads; load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+    )
+    print(
+        "end to end: every step samples its meta-batch from the real Omniglot with the library's own pipeline"
+        if args.end_to_end
+        else "compute only: a fixed meta-batch already on the device"
     )
     print(
         f"median of {args.steps * args.repeats} steps per method; l2l/ours = learn2learn's median s/step of the same "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import pytest
 import torch
@@ -67,3 +68,17 @@ def test_quick_run_prints_every_method(capsys: pytest.CaptureFixture[str]) -> No
             assert line is not None, f"no row for {setting.name} / {method.name}"
             fields = line.split()
             assert float(fields[len(method.name.split()) + 1]) > 0  # s/step
+
+
+def test_end_to_end_steps_sample_fresh_episodes_from_each_library(shared_data: Path) -> None:
+    import_learn2learn()
+    setting = speed.Setting("e2e", ways=5, shots=1, queries=2, tasks=3, inner_steps=1, inner_lr=0.4)
+    with TemporaryDirectory() as cache:
+        sources = speed.end_to_end_sources(setting, shared_data / "omniglot", Path(cache), torch.device("cpu"))
+        for library, source in sources.items():
+            first, second = source(), source()
+            assert first.support_x.shape == (3, 5, 1, 28, 28) and first.query_x.shape == (3, 10, 1, 28, 28), library
+            assert first.support_x.dtype == torch.float32 and 0 <= first.support_x.min() and first.support_x.max() <= 1
+            assert first.support_y.tolist() == [[0, 1, 2, 3, 4]] * 3, library
+            assert first.query_y.tolist() == [[0, 0, 1, 1, 2, 2, 3, 3, 4, 4]] * 3, library
+            assert not torch.equal(first.support_x, second.support_x), f"{library}: the same episodes twice"
