@@ -143,7 +143,11 @@ def main() -> None:
     parser.add_argument("--eval-chunk", type=int, default=None, help="vmap chunk of evaluation tasks (memory)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--save", type=Path, default=None, help="where to write the trained model (default: runs/benchmarks/<method>-<ways>w<shots>s.ckpt)"
+    )
     args = parser.parse_args()
+    args.save = args.save or REPO / "runs" / "benchmarks" / f"{args.method}-{args.ways}w{args.shots}s.ckpt"
     protonet, optimization = args.method == "protonet", args.method in OPTIMIZATION
     five_way = args.ways <= 5
     args.train_ways = args.train_ways or (60 if protonet else args.ways)
@@ -195,12 +199,21 @@ def main() -> None:
     train_time = time.perf_counter() - start
     steps = trainer.global_step
 
+    # Keep what was trained whatever happens next (an evaluation error must not cost the run).
+    args.save.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(args.save)
+    print(f"saved the trained model to {args.save} ({steps} steps)", flush=True)
+
     start = time.perf_counter()
     result = trainer.test(model, datamodule=data, verbose=False)[0]
     test_time = time.perf_counter() - start
+    print(f"test accuracy {100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f} %", flush=True)
 
     lake = None
-    if not args.no_lake_runs:
+    head = getattr(model.backbone, "head", None)
+    if not args.no_lake_runs and head is not None and head.out_features < 20:
+        print(f"Lake's runs skipped: they are 20-way and this model's head has {head.out_features} outputs", flush=True)
+    elif not args.no_lake_runs:
         runs = OmniglotDataModule(
             root=args.root, split=args.split, ways=20, test_set="lake_runs", eval_meta_batch_size=20, seed=args.seed
         )

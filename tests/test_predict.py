@@ -199,6 +199,24 @@ def test_trainer_predict_from_python_without_checkpoint(trained, tmp_path):
     assert len(rows) == 9 and {row["prediction"] for row in rows} == set(CLASSES)
 
 
+@pytest.mark.parametrize("stage", ["fit", "test"])
+def test_tasks_with_more_ways_than_the_head_has_outputs_fail_in_one_line(stage):
+    # A 3-way head on 5-way tasks used to die in cross_entropy with "index 3 is out of bounds" after training.
+    model = lit_meta.MAML(lit_meta.Conv4(hidden=8, out_features=3, pool="stride", embedding="mean"), inner_lr=0.4)
+    if stage == "fit":
+        dm = PatternDataModule(ways=3, train_ways=5, shots=1, queries=1, meta_batch_size=2, train_batches=2)
+        run = lambda: tiny_trainer(limit_val_batches=0).fit(model, dm)  # noqa: E731
+    else:
+        dm = PatternDataModule(ways=5, shots=1, queries=1, test_episodes=2, eval_meta_batch_size=2)
+        run = lambda: tiny_trainer().test(model, dm)  # noqa: E731
+    split = "train" if stage == "fit" else "test"
+    with pytest.raises(ConfigError, match=f"the {split} tasks are 5-way but this MAML's head has 3 outputs: build the backbone with out_features >= 5"):
+        run()
+    # Tasks the head can take pass the check (and train).
+    dm = PatternDataModule(ways=3, shots=1, queries=1, meta_batch_size=2, train_batches=2, test_episodes=2, eval_meta_batch_size=2)
+    tiny_trainer(limit_val_batches=0).fit(model, dm) if stage == "fit" else tiny_trainer().test(model, dm)
+
+
 def test_images_are_converted_to_the_input_format(tmp_path):
     folder = tmp_path / "q"
     folder.mkdir()

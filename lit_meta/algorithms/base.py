@@ -343,6 +343,7 @@ class MetaLearner(pl.LightningModule):
     def on_fit_start(self) -> None:
         # Record the training data's format (a fit that resumes from, or fine-tunes, a checkpoint updates it).
         self.input_format = self._datamodule_format("train") or self.input_format
+        self._check_ways("train")
 
     def _check_input_format(self, split: str) -> None:
         if self.input_format is None or getattr(self._trainer, "state", None) is None or self.trainer.state.fn == "fit":
@@ -354,11 +355,31 @@ class MetaLearner(pl.LightningModule):
                 f"{given.describe()}: set the datamodule's image_size/channels to match, or use a checkpoint trained on them"
             )
 
+    def head_outputs(self) -> int | None:
+        """Classes a task may have, where a fixed-size classifier head decides it (``None``: any number)."""
+        return None
+
+    def _check_ways(self, split: str) -> None:
+        """One-line error for tasks with more classes than the head has outputs (else: an index error deep inside)."""
+        outputs = self.head_outputs()
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if outputs is None or getattr(datamodule, "task_type", None) != "classification" or not hasattr(datamodule, "shape"):
+            return
+        ways = datamodule.shape(split).ways
+        if ways > outputs:
+            raise ConfigError(
+                f"the {split} tasks are {ways}-way but this {type(self).__name__}'s head has {outputs} outputs: build the "
+                f"backbone with out_features >= {ways}, or evaluate {outputs}-way tasks"
+            )
+
     def on_validation_start(self) -> None:
         self._check_input_format("val")
+        self._check_ways("val")
 
     def on_test_start(self) -> None:
         self._check_input_format("test")
+        self._check_ways("test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The algorithm is recorded even for models built in Python (only the CLI records ``_class_path``), so the

@@ -147,6 +147,10 @@ class MAML(MetaLearner):
                 }
             )
 
+    def head_outputs(self) -> int | None:
+        head = getattr(self.backbone, "head", None)
+        return head.out_features if isinstance(head, nn.Linear) else None
+
     # What a subclass varies: which parameters adapt, their step sizes, and the order of the meta-gradient.
     def fast_parameters(self) -> Params:
         """The parameters adapted in the inner loop (all of them for MAML)."""
