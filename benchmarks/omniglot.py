@@ -210,9 +210,9 @@ def main() -> None:
     print(f"test accuracy {100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f} %", flush=True)
 
     lake = None
-    head = getattr(model.backbone, "head", None)
-    if not args.no_lake_runs and head is not None and head.out_features < 20:
-        print(f"Lake's runs skipped: they are 20-way and this model's head has {head.out_features} outputs", flush=True)
+    outputs = model.head_outputs()
+    if not args.no_lake_runs and outputs is not None and outputs < 20:
+        print(f"Lake's runs skipped: they are 20-way and this model's head has {outputs} outputs", flush=True)
     elif not args.no_lake_runs:
         runs = OmniglotDataModule(
             root=args.root, split=args.split, ways=20, test_set="lake_runs", eval_meta_batch_size=20, seed=args.seed

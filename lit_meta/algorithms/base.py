@@ -335,9 +335,12 @@ class MetaLearner(pl.LightningModule):
             return {"probabilities": torch.softmax(predictions, dim=-1)}
         return {"predictions": predictions}
 
-    def _datamodule_format(self, split: str) -> InputFormat | None:
+    def _datamodule(self) -> Any:
         trainer = self._trainer
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def _datamodule_format(self, split: str) -> InputFormat | None:
+        datamodule = self._datamodule()
         return input_format_of(datamodule, split) if datamodule is not None else None
 
     def on_fit_start(self) -> None:
@@ -362,8 +365,7 @@ class MetaLearner(pl.LightningModule):
     def _check_ways(self, split: str) -> None:
         """One-line error for tasks with more classes than the head has outputs (else: an index error deep inside)."""
         outputs = self.head_outputs()
-        trainer = self._trainer
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        datamodule = self._datamodule()
         if outputs is None or getattr(datamodule, "task_type", None) != "classification" or not hasattr(datamodule, "shape"):
             return
         ways = datamodule.shape(split).ways
