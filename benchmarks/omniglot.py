@@ -86,11 +86,14 @@ class WallClockCosine(torch.optim.lr_scheduler.LambdaLR):
 
 
 def build_model(args: argparse.Namespace, seconds: float) -> pl.LightningModule:
+    # The native norm kernel is exact (and faster) wherever its second derivatives are not needed: no second-order
+    # terms (ProtoNet, MatchingNet, first-order methods), or only in the head (ANIL); the configs do the same.
+    fused = args.method in ("protonet", "matchingnet", "fomaml", "anil") or (args.first_order and args.method in OPTIMIZATION)
     if args.method in OPTIMIZATION:
-        backbone = Conv4(in_channels=1, hidden=64, out_features=args.ways, pool="stride", image_size=28, embedding="mean")
+        backbone = Conv4(
+            in_channels=1, hidden=64, out_features=args.ways, pool="stride", image_size=28, embedding="mean", fused_norm=fused
+        )
     else:
-        # ProtoNet and MatchingNet have no second-order terms: the native norm kernel is exact for them, and faster.
-        fused = args.method in ("protonet", "matchingnet")
         backbone = Conv4(in_channels=1, hidden=64, out_features=None, pool="max", image_size=28, fused_norm=fused)
     common = dict(
         optimizer=lambda params: torch.optim.Adam(params, lr=args.lr),

@@ -11,8 +11,11 @@ store at ~20,000 tasks/s). lit_meta runs exactly what ``MetaLearner.training_ste
 learn2learn runs the loop of its MAML examples: per task ``clone()``, ``adapt(support loss)`` per inner step,
 ``query_loss.backward()``; then the gradients are divided by ``T`` and Adam steps. Both sides train the same
 network from the same initialization: ``Conv4(hidden=64, pool="stride", embedding="mean")`` on 28x28x1, i.e. Finn et
-al.'s Omniglot network with lit_meta's :class:`~lit_meta.backbones.BatchStatNorm` (``--native-bn`` adds a
-learn2learn row with ``nn.BatchNorm2d(track_running_stats=False)``, what a learn2learn user would write).
+al.'s Omniglot network with lit_meta's :class:`~lit_meta.backbones.BatchStatNorm`. Rows marked "native norm" use
+PyTorch's batch-norm kernel instead (``Conv4(fused_norm=True)``: the ``F.batch_norm`` call that
+``nn.BatchNorm2d(track_running_stats=False)`` makes, what a learn2learn user would write). lit_meta allows it where
+only its first derivatives are used, as in the FOMAML configs; its row is compared with learn2learn's FOMAML on the
+same kernel. ``--native-bn`` adds learn2learn's second-order MAML on that kernel.
 
 **End to end** (``--end-to-end``): each step first samples its meta-batch from the real Omniglot with the library's
 own data pipeline, as a training loop does: lit_meta's ``OmniglotDataModule`` loader (episodes gathered from a decoded
@@ -67,7 +70,6 @@ from torch import nn  # noqa: E402
 
 from datamodules.task_batch import TaskBatch  # noqa: E402
 from lit_meta import MAML, Conv4  # noqa: E402
-from lit_meta.backbones import BatchStatNorm  # noqa: E402
 
 OUTER_LR = 1e-3
 
@@ -100,7 +102,7 @@ class Method:
     first_order: bool = False
     vectorize: bool = True
     chunk_size: int | None = None
-    native_bn: bool = False
+    native_norm: bool = False  # PyTorch's batch-norm kernel (Conv4(fused_norm=True)) instead of BatchStatNorm's ops
 
 
 METHODS = [
@@ -109,10 +111,12 @@ METHODS = [
     Method("ours MAML vmap chunk=4", "lit_meta", chunk_size=4),
     Method("ours MAML loop", "lit_meta", vectorize=False),
     Method("ours FOMAML vmap", "lit_meta", first_order=True),
+    Method("ours FOMAML vmap native norm", "lit_meta", first_order=True, native_norm=True),
     Method("l2l MAML", "l2l"),
     Method("l2l FOMAML", "l2l", first_order=True),
+    Method("l2l FOMAML native norm", "l2l", first_order=True, native_norm=True),
 ]
-NATIVE_BN = Method("l2l MAML native BN", "l2l", native_bn=True)
+NATIVE_BN = Method("l2l MAML native norm", "l2l", native_norm=True)
 
 
 @dataclass
@@ -145,19 +149,12 @@ def make_batch(setting: Setting, device: torch.device) -> TaskBatch:
     return TaskBatch(support_x, labels(setting.shots), query_x, labels(setting.queries)).to(device)
 
 
-def make_network(setting: Setting, native_bn: bool = False) -> nn.Module:
-    """Finn et al.'s Omniglot Conv-4, the same initialization for every method."""
+def make_network(setting: Setting, native_norm: bool = False) -> nn.Module:
+    """Finn et al.'s Omniglot Conv-4, the same initialization for every method (``native_norm`` does not change it)."""
     torch.manual_seed(0)
-    net = Conv4(1, hidden=64, out_features=setting.ways, pool="stride", image_size=28, embedding="mean")
-    if native_bn:
-        # BatchStatNorm == BatchNorm2d without running statistics (same parameters, same eps); fine outside vmap.
-        for block in net.features:
-            norm = block[1]
-            assert isinstance(norm, BatchStatNorm)
-            native = nn.BatchNorm2d(norm.weight.numel(), eps=norm.eps, track_running_stats=False)
-            native.load_state_dict({"weight": norm.weight.data, "bias": norm.bias.data})
-            block[1] = native
-    return net
+    return Conv4(
+        1, hidden=64, out_features=setting.ways, pool="stride", image_size=28, embedding="mean", fused_norm=native_norm
+    )
 
 
 Batches = Callable[[], TaskBatch]
@@ -174,7 +171,7 @@ def make_step(
     next_batch: Batches = batch if callable(batch) else lambda: batch
     if method.library == "lit_meta":
         learner = MAML(
-            make_network(setting),
+            make_network(setting, method.native_norm),
             inner_lr=setting.inner_lr,
             inner_steps=setting.inner_steps,
             first_order=method.first_order,
@@ -196,7 +193,7 @@ def make_step(
 
     import learn2learn as l2l
 
-    maml = l2l.algorithms.MAML(make_network(setting, method.native_bn).to(device), lr=setting.inner_lr, first_order=method.first_order)
+    maml = l2l.algorithms.MAML(make_network(setting, method.native_norm).to(device), lr=setting.inner_lr, first_order=method.first_order)
     opt = torch.optim.Adam(maml.parameters(), lr=OUTER_LR)
 
     def step() -> None:
@@ -362,9 +359,11 @@ def run(args: argparse.Namespace) -> list[Result]:
     return list(rows.values())
 
 
-def reference(results: list[Result], setting: str, first_order: bool, cpu: bool = False) -> float | None:
-    """learn2learn's median s/step (wall, or CPU with ``cpu``) of the given order in ``setting``."""
-    name = "l2l FOMAML" if first_order else "l2l MAML"
+def reference(
+    results: list[Result], setting: str, first_order: bool, native_norm: bool = False, cpu: bool = False
+) -> float | None:
+    """learn2learn's median s/step (wall, or CPU with ``cpu``) of the given order and norm kernel in ``setting``."""
+    name = ("l2l FOMAML" if first_order else "l2l MAML") + (" native norm" if native_norm else "")
     for r in results:
         if r.setting == setting and r.method == name and r.wall:
             return statistics.median(r.cpu if cpu else r.wall)
@@ -373,19 +372,19 @@ def reference(results: list[Result], setting: str, first_order: bool, cpu: bool 
 
 def table(results: list[Result]) -> str:
     lines = [
-        f"{'setting':<12} {'method':<24} {'s/step':>7} {'min':>7} {'cpu-s/step':>10} {'peak MB':>8} "
+        f"{'setting':<12} {'method':<30} {'s/step':>7} {'min':>7} {'cpu-s/step':>10} {'peak MB':>8} "
         f"{'l2l/ours':>8} {'(cpu)':>6}",
-        "-" * 90,
+        "-" * 96,
     ]
     for r in results:
         wall, cpu = statistics.median(r.wall), statistics.median(r.cpu)
         ratios = ""
         if r.method.startswith("ours"):
-            first_order = "FOMAML" in r.method
-            ref, ref_cpu = reference(results, r.setting, first_order), reference(results, r.setting, first_order, cpu=True)
+            like = dict(setting=r.setting, first_order="FOMAML" in r.method, native_norm="native norm" in r.method)
+            ref, ref_cpu = reference(results, **like), reference(results, **like, cpu=True)
             ratios = f"{ref / wall:8.2f} {ref_cpu / cpu:6.2f}" if ref is not None and ref_cpu is not None else ""
         peak = f"{r.peak_mb:8.0f}" if r.peak_mb is not None else f"{'n/a':>8}"
-        lines.append(f"{r.setting:<12} {r.method:<24} {wall:7.3f} {min(r.wall):7.3f} {cpu:10.3f} {peak} {ratios}")
+        lines.append(f"{r.setting:<12} {r.method:<30} {wall:7.3f} {min(r.wall):7.3f} {cpu:10.3f} {peak} {ratios}")
     return "\n".join(lines)
 
 
@@ -396,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all methods (interleaved)")
     parser.add_argument("--queries", type=int, default=None, help="query examples per class in both settings (default 1, as the configs)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--native-bn", action="store_true", help="add learn2learn with nn.BatchNorm2d")
+    parser.add_argument("--native-bn", action="store_true", help="add learn2learn's MAML on the native batch-norm kernel")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--quick", action="store_true", help="tiny settings, one repetition: a smoke run")
     parser.add_argument(

@@ -33,10 +33,18 @@ def meta_gradient(method: speed.Method, batch) -> dict[str, torch.Tensor]:
 def test_every_row_computes_learn2learns_meta_gradient(first_order: bool) -> None:
     import_learn2learn()
     batch = speed.make_batch(SMALL, torch.device("cpu"))
-    reference = meta_gradient(speed.Method("l2l", "l2l", first_order=first_order), batch)
+    # Against learn2learn on the same norm kernel: the two kernels round differently, and on these tasks two inner
+    # steps at alpha=0.4 amplify float32 rounding to ~5e-3 relative in the first layer (against a float64 run, the
+    # native kernel drifts here and BatchStatNorm on other tasks). In float64 they agree to 1e-14, see
+    # tests/test_optimization_algorithms.py::test_fused_norm_is_exact_where_it_is_allowed.
+    references = {
+        native: meta_gradient(speed.Method("l2l", "l2l", first_order=first_order, native_norm=native), batch)
+        for native in (False, True)
+    }
     ours = [m for m in speed.METHODS if m.library == "lit_meta" and m.first_order == first_order]
     assert ours, "no lit_meta row of this order"
     for method in ours:
+        reference = references[method.native_norm]
         grads = meta_gradient(method, batch)
         assert grads.keys() == reference.keys()
         for name, g in grads.items():
@@ -52,10 +60,13 @@ def test_the_ratio_is_learn2learns_time_over_ours() -> None:
         speed.Result("5w1s", "l2l MAML", wall=[2.0, 1.0, 3.0], cpu=[2.0, 2.0, 2.0]),
         speed.Result("5w1s", "ours FOMAML vmap", wall=[0.25], cpu=[0.5]),
         speed.Result("5w1s", "l2l FOMAML", wall=[0.5], cpu=[0.5]),
+        speed.Result("5w1s", "ours FOMAML vmap native norm", wall=[0.1], cpu=[0.2]),
+        speed.Result("5w1s", "l2l FOMAML native norm", wall=[0.3], cpu=[0.3]),
     ]
-    rows = {line.split()[1] + " " + line.split()[2]: line.split() for line in speed.table(results).splitlines()[2:]}
-    assert rows["ours MAML"][-2:] == ["4.00", "2.00"]  # medians: 2.0 / 0.5 wall, 2.0 / 1.0 cpu
-    assert rows["ours FOMAML"][-2:] == ["2.00", "1.00"]  # against the first-order baseline, not MAML's
+    rows = {line[13:43].strip(): line.split() for line in speed.table(results).splitlines()[2:]}
+    assert rows["ours MAML vmap"][-2:] == ["4.00", "2.00"]  # medians: 2.0 / 0.5 wall, 2.0 / 1.0 cpu
+    assert rows["ours FOMAML vmap"][-2:] == ["2.00", "1.00"]  # against the first-order baseline, not MAML's
+    assert rows["ours FOMAML vmap native norm"][-2:] == ["3.00", "1.50"]  # against learn2learn on the same kernel
 
 
 def test_quick_run_prints_every_method(capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,6 +28,7 @@ from datamodules.base import EpisodicDataModule
 from datamodules.errors import ConfigError
 from lit_meta import ANIL, MAML, Conv4, MetaSGD, Reptile, SinusoidMLP
 from lit_meta.algorithms.maml import multi_step_loss_weights
+from lit_meta.backbones import uses_fused_norm
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 3
 
@@ -184,6 +185,35 @@ def test_anil_meta_gradient(network, first_order):
             m.backbone, batch, steps=3, lr=lambda n, s: 0.4, adapted=lambda n: n.startswith("head."), first_order=first_order
         ),
     )
+
+
+# ------------------------------------------------------------------------------------------------- fused norm
+def fused_conv() -> nn.Module:
+    return Conv4(1, hidden=3, out_features=WAYS, pool="stride", image_size=8, embedding="mean", fused_norm=True).double()
+
+
+@pytest.mark.parametrize(
+    "cls,first_order", [(MAML, True), (ANIL, False), (ANIL, True)], ids=["fomaml", "anil", "anil-first_order"]
+)
+def test_fused_norm_is_exact_where_it_is_allowed(cls, first_order):
+    """Where the norm needs only first derivatives (FOMAML; ANIL, whose second-order terms stay in the head), the
+    native batch-norm kernel gives the meta-gradient of the per-task reference on the plain network."""
+    batch = image_tasks()
+    adapted = (lambda n: n.startswith("head.")) if cls is ANIL else (lambda n: True)
+    for vectorize in (True, False):
+        learner = build(cls, fused_conv, vectorize, inner_lr=0.4, inner_steps=2, first_order=first_order)
+        plain = conv()
+        plain.load_state_dict(learner.backbone.state_dict())
+        expected = gradients(reference_meta_loss(plain, batch, steps=2, lr=lambda n, s: 0.4, adapted=adapted, first_order=first_order), plain)
+        assert_rel_close(gradients(learner.meta_loss(batch), learner.backbone), expected)
+
+
+def test_fused_norm_is_refused_where_its_second_derivatives_are_used():
+    with pytest.raises(ConfigError, match="fused_norm"):
+        MAML(fused_conv())
+    with pytest.raises(ConfigError, match="fused_norm"):
+        MAML(fused_conv(), first_order_epochs=3)  # MAML++'s derivative-order annealing: second order later
+    MAML(fused_conv(), vectorize=False)  # outside vmap the native kernel's second derivatives are right
 
 
 def test_anil_adapts_only_the_head_and_body_still_learns():
@@ -618,6 +648,8 @@ def test_paper_configs_instantiate_with_the_papers_settings(name, monkeypatch):
     assert (dm.ways, dm.shots, dm.meta_batch_size) == (ways, shots, meta_batch)
     assert (model.inner_lr, model.inner_steps, model.eval_inner_steps, model.first_order) == (inner_lr, steps, eval_steps, first_order)
     assert model.backbone.head.out_features == ways
+    # The faster native norm kernel wherever only its first derivatives are used (the model built, so it is allowed).
+    assert uses_fused_norm(model.backbone) == (first_order or algorithm == "ANIL")
     optim = model.configure_optimizers()
     optimizer = optim["optimizer"] if isinstance(optim, dict) else optim
     if name.startswith("omniglot"):

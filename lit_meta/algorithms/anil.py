@@ -70,6 +70,11 @@ class ANIL(MAML):
         if not any(name.startswith(HEAD) for name, _ in self.backbone.named_parameters()):
             raise ConfigError(f"ANIL adapts the backbone's `head`, but {type(self.backbone).__name__} has no head parameters")
 
+    def inner_loop_module(self) -> nn.Module:
+        """The head when the body has ``embed`` (features computed once, so the body only needs first derivatives
+        and may use a fused norm), else the whole backbone."""
+        return self.backbone.head if hasattr(self.backbone, "embed") else self.backbone
+
     def fast_parameters(self) -> Params:
         """The head's parameters (named ``head.*``)."""
         return {k: v for k, v in self.backbone.named_parameters() if k.startswith(HEAD)}

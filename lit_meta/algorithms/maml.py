@@ -131,7 +131,7 @@ class MAML(MetaLearner):
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
-        refuse_fused_norm_for_second_order(self.backbone, not first_order, self.vectorize, type(self).__name__)
+        refuse_fused_norm_for_second_order(self.inner_loop_module(), not first_order, self.vectorize, type(self).__name__)
         self.multi_step_loss = multi_step_loss
         self.msl_epochs = msl_epochs
         self.lslr = lslr
@@ -152,6 +152,11 @@ class MAML(MetaLearner):
         return head.out_features if isinstance(head, nn.Linear) else None
 
     # What a subclass varies: which parameters adapt, their step sizes, and the order of the meta-gradient.
+    def inner_loop_module(self) -> nn.Module:
+        """The module the inner loop differentiates through: its layers get second-order terms in the
+        meta-gradient, so a fused norm (wrong second derivatives under vmap) is refused there and allowed elsewhere."""
+        return self.backbone
+
     def fast_parameters(self) -> Params:
         """The parameters adapted in the inner loop (all of them for MAML)."""
         return dict(self.backbone.named_parameters())
