@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Measure benchmarks/speed.py on a GPU machine that has no network, in one prepared call.
+#
+#   scripts/device_speed.sh prepare   # here, with the package index reachable: fills .device/ (git-ignored)
+#   scripts/device_speed.sh run       # on the GPU machine, from the repository root, .device/ carried along
+#
+# Why: the speed target on a GPU (>= 10x learn2learn) can only be measured where a GPU is lent, for a few minutes,
+# on a machine that reaches no package index and does not see ../shared. `prepare` gathers what that machine lacks:
+# learn2learn's sdist and the build/runtime pieces scripts/install_learn2learn.sh fetches (gym, gym_notices, Cython
+# for CPython 3.12, the GPU image's Python), and the two Omniglot archives of the Vinyals split for the end-to-end
+# run (18 MB in all). `run` installs learn2learn offline through the same install script (pip reads .device/wheels
+# only: PIP_NO_INDEX / PIP_FIND_LINKS), then runs the compute-only and the end-to-end comparisons on the GPU and
+# writes their output to $OUT (or .device/out).
+#
+# Knobs: PYTHON (default python3), DEVICE (default cuda; `DEVICE=cpu scripts/device_speed.sh run --quick` rehearses
+# the whole path on a CPU machine), extra arguments of `run` go to both speed.py runs (e.g. --quick).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STAGE="$HERE/.device"
+PYTHON="${PYTHON:-python3}"
+DEVICE="${DEVICE:-cuda}"
+SHARED_OMNIGLOT="${SHARED_OMNIGLOT:-$HERE/../shared/data/omniglot}"
+
+die() { printf 'device_speed: %s\n' "$*" >&2; exit 1; }
+
+prepare() {
+    mkdir -p "$STAGE/wheels" "$STAGE/omniglot"
+    local pip=("$PYTHON" -m pip download --no-deps -d "$STAGE/wheels")
+    # Source distributions, as the install script builds them (metadata only, no Cython needed for that).
+    "${pip[@]}" --no-build-isolation --no-binary learn2learn "learn2learn==0.2.0"
+    # gym is pure Python but ships only an sdist, whose isolated build would need setuptools from an index there.
+    "$PYTHON" -m pip wheel --no-deps -w "$STAGE/wheels" "gym==0.26.2"
+    # Wheels for the GPU image's interpreter (CPython 3.12, x86-64 Linux).
+    local target=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64
+        --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any)
+    "${pip[@]}" "${target[@]}" "gym_notices>=0.0.4"
+    "${pip[@]}" "${target[@]}" "cython>=3.0.10,<4"
+    # And Cython's pure-Python wheel, for a rehearsal on any other interpreter (slower, same C files).
+    "${pip[@]}" --only-binary=:all: --implementation py --platform any "cython>=3.0.10,<4"
+    for archive in images_background.zip images_evaluation.zip; do
+        [[ -f "$SHARED_OMNIGLOT/$archive" ]] || die "missing $SHARED_OMNIGLOT/$archive (set SHARED_OMNIGLOT)"
+        cp "$SHARED_OMNIGLOT/$archive" "$STAGE/omniglot/"
+    done
+    du -sh "$STAGE"
+    echo "prepared: carry .device in the device call, and run: scripts/device_speed.sh run"
+}
+
+run() {
+    [[ -d "$STAGE/wheels" ]] || die "no $STAGE/wheels: run 'scripts/device_speed.sh prepare' first (where pip reaches the index) and carry .device"
+    local out="${OUT:-$STAGE/out}"
+    mkdir -p "$out"
+    export PYTHONUNBUFFERED=1 WANDB_MODE=disabled LIT_META_CACHE="${LIT_META_CACHE:-/tmp/lit_meta_cache}"
+    {
+        echo "== $(date -u +%FT%TZ) $(uname -m); $("$PYTHON" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())')"
+        command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+        PIP_NO_INDEX=1 PIP_FIND_LINKS="$STAGE/wheels" PYTHON="$PYTHON" bash "$HERE/scripts/install_learn2learn.sh"
+        echo "== compute only"
+        "$PYTHON" "$HERE/benchmarks/speed.py" --device "$DEVICE" --native-bn --steps 3 --repeats 5 --json "$out/speed.json" "$@"
+        echo "== end to end"
+        "$PYTHON" "$HERE/benchmarks/speed.py" --device "$DEVICE" --steps 3 --repeats 5 --end-to-end --root "$STAGE/omniglot" \
+            --json "$out/speed_end_to_end.json" "$@"
+    } 2>&1 | tee "$out/device_speed.log"
+}
+
+case "${1:-}" in
+    prepare) shift; prepare "$@" ;;
+    run) shift; run "$@" ;;
+    *) die "usage: scripts/device_speed.sh prepare | run [speed.py arguments]" ;;
+esac
