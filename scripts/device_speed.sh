@@ -12,6 +12,10 @@
 # only: PIP_NO_INDEX / PIP_FIND_LINKS), then runs the compute-only and the end-to-end comparisons on the GPU and
 # writes their output to $OUT (or .device/out).
 #
+# The target Python needs torch, torchvision, lightning, torchmetrics, pillow, scipy, requests, tqdm and setuptools (the
+# GPU image has them all). Rehearsed on CPU in a fresh venv holding just those: learn2learn built offline from
+# .device/wheels in ~1 min, both --quick runs printed every row.
+#
 # Knobs: PYTHON (default python3), DEVICE (default cuda; `DEVICE=cpu scripts/device_speed.sh run --quick` rehearses
 # the whole path on a CPU machine), extra arguments of `run` go to both speed.py runs (e.g. --quick).
 set -euo pipefail
@@ -34,7 +38,7 @@ prepare() {
     # Wheels for the GPU image's interpreter (CPython 3.12, x86-64 Linux).
     local target=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64
         --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any)
-    "${pip[@]}" "${target[@]}" "gym_notices>=0.0.4"
+    "${pip[@]}" "${target[@]}" "gym_notices>=0.0.4" "cloudpickle>=1.2.0"  # gym's needs (the GPU image has cloudpickle)
     "${pip[@]}" "${target[@]}" "cython>=3.0.10,<4"
     # And Cython's pure-Python wheel, for a rehearsal on any other interpreter (slower, same C files).
     "${pip[@]}" --only-binary=:all: --implementation py --platform any "cython>=3.0.10,<4"
