@@ -252,6 +252,46 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ------------------------------------------------------------------------------------------------------ check
+def step_gradient(method: Method, setting: Setting, batch: TaskBatch, device: torch.device) -> dict[str, torch.Tensor]:
+    """The gradient one benchmark step of ``method`` leaves on its network's parameters."""
+    step, network = make_step(method, setting, batch, device)
+    step()
+    return {k: p.grad.detach().clone() for k, p in network.named_parameters()}
+
+
+def gradient_check(setting: Setting, device: torch.device) -> dict[str, float]:
+    """Largest relative difference (over parameter tensors) between each lit_meta row's meta-gradient and
+    learn2learn's of the same order and norm kernel, one step from the same initialization on the same batch.
+
+    Run in float64, so the comparison is of the algorithms, not of float32 (or TF32) rounding, which two inner steps
+    amplify differently for the two norm kernels (see tests/test_benchmarks.py). A conv bias that feeds a
+    batch-statistics norm has zero gradient and is skipped: only rounding noise is left there.
+    """
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        batch = make_batch(setting, device)
+        references: dict[tuple[bool, bool], dict[str, torch.Tensor]] = {}
+        errors = {}
+        for m in METHODS:
+            if m.library != "lit_meta":
+                continue
+            key = (m.first_order, m.native_norm)
+            if key not in references:
+                reference = Method("l2l", "l2l", first_order=m.first_order, native_norm=m.native_norm)
+                references[key] = step_gradient(reference, setting, batch, device)
+            grads = step_gradient(m, setting, batch, device)
+            errors[m.name] = max(
+                float((g - references[key][k]).norm() / references[key][k].norm())
+                for k, g in grads.items()
+                if not (k.startswith("features.") and k.endswith(".0.bias"))
+            )
+        return errors
+    finally:
+        torch.set_default_dtype(default)
+
+
 # ----------------------------------------------------------------------------------------------------- memory
 def _status_kb(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -404,6 +444,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "omniglot", help="for --end-to-end")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="also compare every lit_meta row's meta-gradient with learn2learn's on the device, in float64",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats = 1, 1
@@ -425,6 +469,10 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
     results = run(args)
+    if args.check:  # after run(): on CPU the memory children must fork before any computation
+        for setting in settings(args.queries, args.quick):
+            for name, error in gradient_check(setting, torch.device(args.device)).items():
+                print(f"check {setting.name} / {name}: meta-gradient vs learn2learn's, float64, max relative {error:.1e}")
     cpu_name = platform.processor() or platform.machine()
     print()
     print(

@@ -16,14 +16,21 @@
 # GPU image has them all). Rehearsed on CPU in a fresh venv holding just those: learn2learn built offline from
 # .device/wheels in ~1 min, both --quick runs printed every row.
 #
+# After the two speed runs, `run` also runs the tests that need a GPU and benchmarks/precision.py (MAML on Omniglot at
+# each precision, PRECISION_STEPS steps). Every step has a time limit inside DEVICE_BUDGET_S, most important first.
+#
 # Knobs: PYTHON (default python3), DEVICE (default cuda; `DEVICE=cpu scripts/device_speed.sh run --quick` rehearses
-# the whole path on a CPU machine), extra arguments of `run` go to both speed.py runs (e.g. --quick).
+# the whole path on a CPU machine), DEVICE_BUDGET_S, PRECISIONS, PRECISION_STEPS; extra arguments of `run` go to
+# both speed.py runs (e.g. --quick).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAGE="$HERE/.device"
 PYTHON="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"
+DEVICE_BUDGET_S="${DEVICE_BUDGET_S:-520}"       # wall seconds `run` may take in all (the device call's limit, less margin)
+PRECISIONS="${PRECISIONS:-32-true bf16-mixed 16-mixed}"
+PRECISION_STEPS="${PRECISION_STEPS:-1500}"
 SHARED_OMNIGLOT="${SHARED_OMNIGLOT:-$HERE/../shared/data/omniglot}"
 
 die() { printf 'device_speed: %s\n' "$*" >&2; exit 1; }
@@ -50,20 +57,41 @@ prepare() {
     echo "prepared: carry .device in the device call, and run: scripts/device_speed.sh run"
 }
 
+# Run "$@" under a time limit of $1 seconds, capped by what is left of DEVICE_BUDGET_S; a step that fails or runs out
+# of time is reported and the next one still runs (what each printed is already in the log).
+step() {
+    local limit=$1; shift
+    local left=$((DEVICE_BUDGET_S - SECONDS))
+    (( left < limit )) && limit=$left
+    if (( limit < 20 )); then echo "== skipped (${left}s of the budget left): $*"; return 0; fi
+    timeout --kill-after=5 "$limit" "$@" || echo "== failed or out of time (status $?, limit ${limit}s): $*"
+}
+
 run() {
     [[ -d "$STAGE/wheels" ]] || die "no $STAGE/wheels: run 'scripts/device_speed.sh prepare' first (where pip reaches the index) and carry .device"
     local out="${OUT:-$STAGE/out}"
     mkdir -p "$out"
     export PYTHONUNBUFFERED=1 WANDB_MODE=disabled LIT_META_CACHE="${LIT_META_CACHE:-/tmp/lit_meta_cache}"
+    local omniglot="$STAGE/omniglot"
     {
         echo "== $(date -u +%FT%TZ) $(uname -m); $("$PYTHON" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())')"
         command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
         PIP_NO_INDEX=1 PIP_FIND_LINKS="$STAGE/wheels" PYTHON="$PYTHON" bash "$HERE/scripts/install_learn2learn.sh"
-        echo "== compute only"
-        "$PYTHON" "$HERE/benchmarks/speed.py" --device "$DEVICE" --native-bn --steps 3 --repeats 5 --json "$out/speed.json" "$@"
+        echo "== compute only (and the float64 meta-gradient check against learn2learn on the device)"
+        step 200 "$PYTHON" "$HERE/benchmarks/speed.py" --device "$DEVICE" --native-bn --check --steps 3 --repeats 5 \
+            --json "$out/speed.json" "$@"
         echo "== end to end"
-        "$PYTHON" "$HERE/benchmarks/speed.py" --device "$DEVICE" --steps 3 --repeats 5 --end-to-end --root "$STAGE/omniglot" \
-            --json "$out/speed_end_to_end.json" "$@"
+        step 200 "$PYTHON" "$HERE/benchmarks/speed.py" --device "$DEVICE" --steps 3 --repeats 5 --end-to-end \
+            --root "$omniglot" --json "$out/speed_end_to_end.json" "$@"
+        echo "== tests that need a GPU"
+        step 60 "$PYTHON" -m pytest -q -p no:cacheprovider "$HERE/tests/test_data_store.py" -k gpu
+        # Mixed precision on real Omniglot, one precision per process so each prints as it finishes.
+        for precision in $PRECISIONS; do
+            echo "== precision $precision"
+            step 120 "$PYTHON" "$HERE/benchmarks/precision.py" --root "$omniglot" --precisions "$precision" \
+                --steps "$PRECISION_STEPS" --test-episodes 600 --eval-meta-batch-size 100
+        done
+        echo "== done after ${SECONDS}s"
     } 2>&1 | tee "$out/device_speed.log"
 }
 

@@ -23,10 +23,7 @@ SMALL = speed.Setting("small", ways=5, shots=1, queries=2, tasks=3, inner_steps=
 
 
 def meta_gradient(method: speed.Method, batch) -> dict[str, torch.Tensor]:
-    """The gradient one benchmark step of ``method`` leaves on its network's parameters."""
-    step, network = speed.make_step(method, SMALL, batch, torch.device("cpu"))
-    step()
-    return {k: p.grad.detach().clone() for k, p in network.named_parameters()}
+    return speed.step_gradient(method, SMALL, batch, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["maml", "fomaml"])
@@ -52,6 +49,15 @@ def test_every_row_computes_learn2learns_meta_gradient(first_order: bool) -> Non
                 continue  # a conv bias feeding a batch-statistics norm has zero gradient: only rounding noise is left
             error = (g - reference[name]).norm() / reference[name].norm()
             assert error < 1e-4, f"{method.name}: {name} differs from learn2learn's by {error:.1e} (relative)"
+
+
+def test_float64_check_finds_every_row_equal_to_learn2learn() -> None:
+    """``--check`` (what a GPU run prints) compares in float64, where both norm kernels agree to rounding."""
+    import_learn2learn()
+    errors = speed.gradient_check(SMALL, torch.device("cpu"))
+    assert set(errors) == {m.name for m in speed.METHODS if m.library == "lit_meta"}
+    assert max(errors.values()) < 1e-10, errors
+    assert torch.get_default_dtype() == torch.float32, "the check must restore the default dtype"
 
 
 def test_the_ratio_is_learn2learns_time_over_ours() -> None:
