@@ -1,10 +1,18 @@
-"""What the benchmark scripts share: a Trainer that only trains (no logging, checkpoints, validation or bars)."""
+"""What the benchmark scripts share: the checkout on ``sys.path``, and a Trainer that only trains (no logging,
+checkpoints, validation or bars)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+
+REPO = Path(__file__).resolve().parents[1]
+# The scripts import common first, so that they also run from a bare checkout (a GPU machine with no install).
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
 def quiet_trainer(**overrides: Any) -> pl.Trainer:

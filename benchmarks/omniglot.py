@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -44,13 +43,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+from common import REPO, quiet_trainer  # noqa: E402  (first: it puts the checkout on sys.path)
 from datamodules import OmniglotDataModule  # noqa: E402
 from lit_meta.algorithms import ANIL, MAML, MatchingNet, MetaBGD, MetaSGD, ProtoNet  # noqa: E402
 from lit_meta.backbones import Conv4  # noqa: E402
-from common import quiet_trainer  # noqa: E402
 
 #: Published Omniglot test accuracies (%), Vinyals split with rotations, Conv-4.
 PAPER = {
@@ -120,6 +116,21 @@ def build_model(args: argparse.Namespace, seconds: float) -> pl.LightningModule:
     return MetaBGD(backbone, inner_lr=args.inner_lr, inner_steps=args.inner_steps, first_order=args.first_order, **common)
 
 
+def init_from(model: pl.LightningModule, path: Path) -> None:
+    """Load the weights of a checkpoint this script saved, or exit with a one-line reason."""
+    if not path.is_file():
+        raise SystemExit(f"--init-from: no file {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict")
+    if state is None:
+        raise SystemExit(f"--init-from: {path} holds no 'state_dict': pass a checkpoint this script saved")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        first = lines[1] if len(lines) > 1 else lines[0]  # lines[0] only says that loading failed
+        raise SystemExit(f"--init-from: {path} does not fit this model ({first}); use the method and ways it was trained with")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=sorted(PAPER), default="protonet")
@@ -148,6 +159,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--save", type=Path, default=None, help="where to write the trained model (default: runs/benchmarks/<method>-<ways>w<shots>s.ckpt)"
+    )
+    parser.add_argument(
+        "--init-from", type=Path, default=None,
+        help="start from the weights of a model this script saved (same method and ways), with a fresh optimizer and "
+        "learning-rate cosine over --minutes: a warm restart; pass another --seed for unseen training episodes",
     )
     args = parser.parse_args()
     args.save = args.save or REPO / "runs" / "benchmarks" / f"{args.method}-{args.ways}w{args.shots}s.ckpt"
@@ -192,6 +208,8 @@ def main() -> None:
     data_time = time.perf_counter() - start
 
     model = build_model(args, seconds)
+    if args.init_from is not None:
+        init_from(model, args.init_from)
     trainer = quiet_trainer(
         max_time={"seconds": seconds},
         max_epochs=-1,
@@ -238,6 +256,8 @@ def main() -> None:
     paper_text = f"{paper:.1f} ({source})" if paper is not None else f"- ({source if not numbers else 'different setting'})"
     print()
     print(f"{name} on Omniglot, {args.split} split{' with 90-degree rotations' if args.split == 'vinyals' else ''}, 28x28, Conv-4 64-d")
+    if args.init_from is not None:
+        print(f"  continued from {args.init_from} (its weights; fresh Adam and cosine, seed {args.seed})")
     print(
         f"  training : {args.train_ways}-way {args.train_shots}-shot {args.train_queries}-query, {args.meta_batch_size} episode(s)/step, "
         f"Adam {args.lr:g} cosine over {args.minutes:g} min: {steps} steps in {train_time:.0f} s "

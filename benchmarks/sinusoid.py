@@ -18,9 +18,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import lightning.pytorch as pl  # noqa: E402
 
+from common import quiet_trainer  # noqa: E402  (first: it puts the checkout on sys.path)
 from datamodules import SinusoidDataModule  # noqa: E402
 from lit_meta import MAML, SinusoidMLP  # noqa: E402
-from common import quiet_trainer  # noqa: E402
 
 PAPER = {1: 0.67, 5: 0.38, 10: 0.35}  # the reference figures for 5-shot MAML
 

@@ -99,3 +99,28 @@ def test_end_to_end_steps_sample_fresh_episodes_from_each_library(shared_data: P
             assert first.support_y.tolist() == [[0, 1, 2, 3, 4]] * 3, library
             assert first.query_y.tolist() == [[0, 0, 1, 1, 2, 2, 3, 3, 4, 4]] * 3, library
             assert not torch.equal(first.support_x, second.support_x), f"{library}: the same episodes twice"
+
+
+def test_omniglot_init_from_loads_saved_weights_or_says_why_not(tmp_path: Path) -> None:
+    """``benchmarks/omniglot.py --init-from`` continues from a saved model, and a wrong file is a one-line error."""
+    import omniglot
+    from lit_meta import MAML, Conv4
+
+    def model(ways: int) -> MAML:
+        return MAML(Conv4(1, hidden=8, out_features=ways, pool="stride", image_size=28, embedding="mean"), inner_lr=0.4)
+
+    torch.manual_seed(0)
+    trained = model(5)
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "5way.ckpt")
+    fresh = model(5)
+    omniglot.init_from(fresh, tmp_path / "5way.ckpt")
+    for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    with pytest.raises(SystemExit, match=r"size mismatch for backbone\.head\.weight.*use the method and ways"):
+        omniglot.init_from(model(20), tmp_path / "5way.ckpt")
+    with pytest.raises(SystemExit, match="no file"):
+        omniglot.init_from(model(5), tmp_path / "missing.ckpt")
+    torch.save({"weights": 1}, tmp_path / "other.ckpt")
+    with pytest.raises(SystemExit, match="holds no 'state_dict'"):
+        omniglot.init_from(model(5), tmp_path / "other.ckpt")
