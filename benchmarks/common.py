@@ -14,6 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from lit_meta.allocator import tune_cpu_allocator  # noqa: E402
+
+# The benchmarks train as the command line does, with its allocator settings (LIT_META_MALLOC=system: without).
+tune_cpu_allocator()
+
 
 def quiet_trainer(**overrides: Any) -> pl.Trainer:
     """A Trainer for timing and scoring runs; ``inference_mode`` off because evaluation adapts with gradients."""

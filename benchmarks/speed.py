@@ -70,6 +70,7 @@ from torch import nn  # noqa: E402
 
 from datamodules.task_batch import TaskBatch  # noqa: E402
 from lit_meta import MAML, Conv4  # noqa: E402
+from lit_meta.allocator import ENV as MALLOC_ENV, tune_cpu_allocator  # noqa: E402
 
 OUTER_LR = 1e-3
 
@@ -445,10 +446,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "omniglot", help="for --end-to-end")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
     parser.add_argument(
+        "--malloc", choices=["tuned", "system"], default="tuned",
+        help="tuned: glibc keeps freed memory for reuse, as the lit_meta command line sets it (lit_meta.allocator); "
+        "system: the C library's defaults. Either way it applies to both libraries alike (one process)",
+    )
+    parser.add_argument(
         "--check", action="store_true",
         help="also compare every lit_meta row's meta-gradient with learn2learn's on the device, in float64",
     )
     args = parser.parse_args(argv)
+    if args.malloc == "system":
+        os.environ[MALLOC_ENV] = "system"  # also for benchmarks/common.py, which --end-to-end imports
+    malloc_tuned = tune_cpu_allocator()
     if args.quick:
         args.steps, args.repeats = 1, 1
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -479,6 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, device {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f" ({cpu_name}, {os.cpu_count()} cores)")
         + f", {torch.get_num_threads()} threads; load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+        + f"; malloc {'tuned' if malloc_tuned else 'system defaults'}"
     )
     print(
         "end to end: every step samples its meta-batch from the real Omniglot with the library's own pipeline"

@@ -2,6 +2,7 @@
 
 from datamodules.errors import ConfigError, DataError, LitMetaError
 from datamodules.task_batch import TaskBatch
+from lit_meta.allocator import tune_cpu_allocator
 from lit_meta.algorithms import ANIL, MAML, MatchingNet, MetaBGD, MetaLearner, MetaSGD, ProtoNet, Reptile
 from lit_meta.backbones import BatchStatNorm, Conv4, ResNet12, SinusoidMLP
 from lit_meta.metrics import MeanConfidenceInterval
@@ -30,4 +31,5 @@ __all__ = [
     "SinusoidMLP",
     "TaskBatch",
     "load_model",
+    "tune_cpu_allocator",
 ]
