@@ -70,7 +70,7 @@ from torch import nn  # noqa: E402
 
 from datamodules.task_batch import TaskBatch  # noqa: E402
 from lit_meta import MAML, Conv4  # noqa: E402
-from lit_meta.allocator import ENV as MALLOC_ENV, tune_cpu_allocator  # noqa: E402
+from lit_meta.allocator import tune_cpu_allocator  # noqa: E402
 
 OUTER_LR = 1e-3
 
@@ -455,9 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         help="also compare every lit_meta row's meta-gradient with learn2learn's on the device, in float64",
     )
     args = parser.parse_args(argv)
-    if args.malloc == "system":
-        os.environ[MALLOC_ENV] = "system"  # also for benchmarks/common.py, which --end-to-end imports
-    malloc_tuned = tune_cpu_allocator()
+    malloc_tuned = args.malloc == "tuned" and tune_cpu_allocator()
     if args.quick:
         args.steps, args.repeats = 1, 1
     if args.device == "cuda" and not torch.cuda.is_available():
