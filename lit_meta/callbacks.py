@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 import time
 from collections import deque
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules.errors import ConfigError
 
@@ -86,3 +92,67 @@ class Throughput(Callback):
         if tasks_per_sec is not None:
             pl_module.log("train/tasks_per_sec", tasks_per_sec, **options)
         pl_module.log("train/steps_per_sec", steps_per_sec, **options)
+
+
+class MetaCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` and the best checkpoint on the datamodule's validation metric, and nothing lost on interruption.
+
+    The monitored metric follows the datamodule: ``val/acc`` (higher is better) for classification, ``val/mse``
+    (lower) for regression. The command line adds this callback to every run.
+
+    **Stopping a run keeps its last step.** ``SIGTERM`` (a job scheduler's stop, ``kill``) and a first ``Ctrl-C``
+    end training after the step in progress, and ``last.ckpt`` is written at that step: ``fit --ckpt_path
+    .../last.ckpt`` continues exactly where the run stopped, mid-epoch included (the episode loaders' position is in
+    the checkpoint). A second ``Ctrl-C`` aborts at once, as usual. Lightning turns ``SIGTERM`` into a stop at the
+    next step boundary; this callback routes the first ``SIGINT`` the same way, and saves on that stop (other
+    exceptions leave the checkpoints of the last completed epoch as they are).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("save_last", True)
+        kwargs.setdefault("save_top_k", 1)
+        super().__init__(**kwargs)
+        self._previous_sigint: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.monitor is None:
+            dm = trainer.datamodule
+            regression = getattr(dm, "task_type", "classification") == "regression"
+            self.monitor = "val/mse" if regression else "val/acc"
+            self.mode = "min" if regression else "max"
+            self.kth_value = torch.tensor(float("inf") if regression else float("-inf"))
+            self.filename = "best-{epoch}-{step}"
+            self.auto_insert_metric_name = False
+        super().setup(trainer, pl_module, stage)
+
+    # ----------------------------------------------------------------------------------------------- interruption
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Signal handlers can only be set from the main thread (a notebook's or a test's fit may run elsewhere).
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._stop_after_this_step)
+
+    def _stop_after_this_step(self, signum: int, frame: Any) -> None:
+        self._restore_sigint()  # a second Ctrl-C interrupts at once
+        sys.stderr.write("\nstopping after this step and saving last.ckpt (Ctrl-C again to abort at once)\n")
+        # Lightning's own SIGTERM handler (installed for the run) stops at the next step boundary, on every rank.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_sigint()
+        super().on_train_end(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.dirpath is not None:
+            # Raised between steps, so the state is that of a completed step: an exact resume point.
+            path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+            trainer.save_checkpoint(path)
+            if trainer.is_global_zero:
+                sys.stderr.write(f"stopped at step {trainer.global_step}: saved {path}; resume with --ckpt_path {path}\n")
+            return
+        super().on_exception(trainer, pl_module, exception)

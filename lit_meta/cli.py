@@ -2,7 +2,8 @@
 
 * ``trainer.inference_mode: false``: evaluation adapts with gradients.
 * Checkpoints: ``last.ckpt`` plus the best on the validation metric (accuracy up, or MSE down for regression),
-  written atomically by Lightning.
+  written atomically by Lightning; a first ``Ctrl-C`` or a ``SIGTERM`` stops after the current step and writes
+  ``last.ckpt`` there (:class:`~lit_meta.callbacks.MetaCheckpoint`).
 * Loggers: CSV always, Weights & Biases offline unless credentials are configured.
 * ``fit`` tests the best checkpoint afterwards (``--test_after_fit false`` to skip).
 * ``validate``/``test``/``predict --ckpt_path model.ckpt`` read the model (algorithm and hyper-parameters) from the
@@ -25,9 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from jsonargparse import Namespace
 
@@ -39,7 +38,7 @@ from lit_meta.algorithms.base import MetaLearner
 from lit_meta.media import MediaCallback
 from lit_meta.allocator import tune_cpu_allocator
 from lit_meta.prediction import PredictionWriter, check_algorithm, checkpoint_algorithm, read_checkpoint
-from lit_meta.callbacks import Throughput
+from lit_meta.callbacks import MetaCheckpoint, Throughput
 
 DEFAULT_CONFIG = Path(__file__).parent / "default.yaml"
 
@@ -75,26 +74,6 @@ class OneLineErrorParser(LightningArgumentParser):
             sys.stderr.write(f"{message}\n")
         sys.stderr.write(f"error: {_one_line(message)}\n")
         sys.exit(2)
-
-
-class MetaCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` keeping ``last.ckpt`` and the best checkpoint on the datamodule's validation metric."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("save_last", True)
-        kwargs.setdefault("save_top_k", 1)
-        super().__init__(**kwargs)
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.monitor is None:
-            dm = trainer.datamodule
-            regression = getattr(dm, "task_type", "classification") == "regression"
-            self.monitor = "val/mse" if regression else "val/acc"
-            self.mode = "min" if regression else "max"
-            self.kth_value = torch.tensor(float("inf") if regression else float("-inf"))
-            self.filename = "best-{epoch}-{step}"
-            self.auto_insert_metric_name = False
-        super().setup(trainer, pl_module, stage)
 
 
 class ConfigToLoggers(SaveConfigCallback):
