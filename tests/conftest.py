@@ -45,3 +45,28 @@ def import_learn2learn():
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+def sinusoid_maml_run(root: Path, max_steps: int, callbacks: list, validate: bool = False):
+    """``(model, datamodule, trainer)`` of a tiny seeded MAML sinusoid run, 3 steps an epoch: for resume tests."""
+    import lightning.pytorch as pl
+
+    from datamodules import SinusoidDataModule
+    from lit_meta import MAML, SinusoidMLP
+
+    pl.seed_everything(0)
+    model = MAML(SinusoidMLP(hidden=(16, 16)), inner_lr=0.01, inner_steps=1)
+    dm = SinusoidDataModule(shots=5, queries=5, meta_batch_size=4, train_batches=3, val_episodes=4, test_episodes=4)
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        limit_val_batches=None if validate else 0,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        accelerator="cpu",
+    )
+    return model, dm, trainer

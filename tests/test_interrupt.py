@@ -3,13 +3,11 @@
 import os
 import signal
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from datamodules import SinusoidDataModule
-from lit_meta import MAML, SinusoidMLP
+from conftest import sinusoid_maml_run
 from lit_meta.callbacks import MetaCheckpoint
 
 STOP_AT = 4  # mid-epoch: an epoch is 3 steps, so the epoch-end checkpoints are at steps 3 and 6
@@ -27,21 +25,7 @@ class SignalAt(Callback):
 
 
 def make(tmp_path, name, max_steps, *callbacks):
-    pl.seed_everything(0)
-    model = MAML(SinusoidMLP(hidden=(16, 16)), inner_lr=0.01, inner_steps=1)
-    dm = SinusoidDataModule(shots=5, queries=5, meta_batch_size=4, train_batches=3, val_episodes=4, test_episodes=4)
-    trainer = pl.Trainer(
-        max_steps=max_steps,
-        logger=False,
-        callbacks=[MetaCheckpoint(dirpath=tmp_path / name), *callbacks],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path / name,
-        accelerator="cpu",
-    )
-    return model, dm, trainer
+    return sinusoid_maml_run(tmp_path / name, max_steps, [MetaCheckpoint(dirpath=tmp_path / name), *callbacks], validate=True)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])

@@ -1,12 +1,12 @@
 """Exact resume: fit 2N steps == fit N steps, then resume from the checkpoint for N more."""
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from conftest import sinusoid_maml_run
 from datamodules import SinusoidDataModule
-from lit_meta import MAML, SinusoidMLP
+from lit_meta import MAML
 
 
 class RecordTasks(Callback):
@@ -18,22 +18,7 @@ class RecordTasks(Callback):
 
 
 def make(tmp_path, max_steps, callbacks, name):
-    pl.seed_everything(0)
-    model = MAML(SinusoidMLP(hidden=(16, 16)), inner_lr=0.01, inner_steps=1)
-    dm = SinusoidDataModule(shots=5, queries=5, meta_batch_size=4, train_batches=3, val_episodes=4, test_episodes=4)
-    trainer = pl.Trainer(
-        max_steps=max_steps,
-        logger=False,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path / name,
-        accelerator="cpu",
-    )
-    return model, dm, trainer
+    return sinusoid_maml_run(tmp_path / name, max_steps, callbacks)
 
 
 @pytest.mark.parametrize("n", [4, 3], ids=["mid-epoch", "epoch-boundary"])
