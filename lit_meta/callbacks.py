@@ -105,7 +105,8 @@ class MetaCheckpoint(ModelCheckpoint):
     .../last.ckpt`` continues exactly where the run stopped, mid-epoch included (the episode loaders' position is in
     the checkpoint). A second ``Ctrl-C`` aborts at once, as usual. Lightning turns ``SIGTERM`` into a stop at the
     next step boundary; this callback routes the first ``SIGINT`` the same way, and saves on that stop (other
-    exceptions leave the checkpoints of the last completed epoch as they are).
+    exceptions leave the checkpoints of the last completed epoch as they are). Under DDP (several processes) a stop
+    keeps Lightning's behaviour: the run ends and the last epoch's checkpoints remain.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -148,7 +149,10 @@ class MetaCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_sigint()
-        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.dirpath is not None:
+        stopped = isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.dirpath is not None
+        # One process only: saving is collective under DDP, and Lightning does not stop all ranks at the same step (a
+        # rank that stopped would wait for the others in the save's barrier); there the epoch checkpoints remain.
+        if stopped and trainer.world_size == 1:
             # Raised between steps, so the state is that of a completed step: an exact resume point.
             path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
             trainer.save_checkpoint(path)
