@@ -128,8 +128,9 @@ class MetaCheckpoint(ModelCheckpoint):
 
     # ----------------------------------------------------------------------------------------------- interruption
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Signal handlers can only be set from the main thread (a notebook's or a test's fit may run elsewhere).
-        if threading.current_thread() is threading.main_thread():
+        # Signal handlers can only be set from the main thread (a notebook's or a test's fit may run elsewhere); under
+        # DDP Ctrl-C keeps Lightning's handling (see the class docstring).
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._stop_after_this_step)
 
     def _stop_after_this_step(self, signum: int, frame: Any) -> None:
