@@ -126,6 +126,23 @@ class MetaCheckpoint(ModelCheckpoint):
             self.auto_insert_metric_name = False
         super().setup(trainer, pl_module, stage)
 
+    # ------------------------------------------------------------------------------------------------- last.ckpt
+    # Lightning (2.6) writes last.ckpt only at steps where it also wrote a top-k checkpoint, so after an epoch whose
+    # validation did not improve, last.ckpt still held an older epoch and a resume from it lost the epochs since.
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._keep_last_current(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._keep_last_current(trainer)
+
+    def _keep_last_current(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     # ----------------------------------------------------------------------------------------------- interruption
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Signal handlers can only be set from the main thread (a notebook's or a test's fit may run elsewhere); under

@@ -1,4 +1,5 @@
-"""Stopping a run keeps its last step: after SIGTERM or a first Ctrl-C, last.ckpt resumes exactly where it stopped."""
+"""Nothing trained is lost: last.ckpt follows every epoch, and after SIGTERM or a first Ctrl-C it holds the last step
+and resumes exactly where the run stopped."""
 
 import os
 import signal
@@ -8,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import sinusoid_maml_run
+from lit_meta import MAML, SinusoidMLP
 from lit_meta.callbacks import MetaCheckpoint
 
 STOP_AT = 4  # mid-epoch: an epoch is 3 steps, so the epoch-end checkpoints are at steps 3 and 6
@@ -55,3 +57,12 @@ def test_finished_run_leaves_ctrl_c_as_it_was(tmp_path):
     trainer.fit(model, dm)
     assert signal.getsignal(signal.SIGINT) is sigint_before
     assert torch.load(tmp_path / "done" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_last_checkpoint_follows_every_epoch_even_without_a_better_validation(tmp_path):
+    _, dm, trainer = make(tmp_path, "flat", 3 * 3)
+    # A zero learning rate: validation never improves after the first epoch, so no top-k checkpoint after it.
+    model = MAML(SinusoidMLP(hidden=(16, 16)), inner_lr=0.01, inner_steps=1, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    trainer.fit(model, dm)
+    assert [p.name for p in (tmp_path / "flat").glob("best-*.ckpt")] == ["best-0-3.ckpt"]
+    assert torch.load(tmp_path / "flat" / "last.ckpt", weights_only=True)["global_step"] == 9
