@@ -167,14 +167,13 @@ class MetaCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_sigint()
-        stopped = isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.dirpath is not None
         # One process only: saving is collective under DDP, and Lightning does not stop all ranks at the same step (a
         # rank that stopped would wait for the others in the save's barrier); there the epoch checkpoints remain.
-        if stopped and trainer.world_size == 1:
+        if isinstance(exception, SIGTERMException) and trainer.world_size == 1:
             # Raised between steps, so the state is that of a completed step: an exact resume point.
-            path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
-            trainer.save_checkpoint(path)
-            if trainer.is_global_zero:
+            self._keep_last_current(trainer)
+            if self.last_model_path:
+                path = self.last_model_path
                 sys.stderr.write(f"stopped at step {trainer.global_step}: saved {path}; resume with --ckpt_path {path}\n")
             return
         super().on_exception(trainer, pl_module, exception)
