@@ -126,3 +126,13 @@ def test_omniglot_init_from_loads_saved_weights_or_says_why_not(tmp_path: Path) 
     torch.save({"weights": 1}, tmp_path / "other.ckpt")
     with pytest.raises(SystemExit, match="holds no 'state_dict'"):
         omniglot.init_from(model(5), tmp_path / "other.ckpt")
+
+
+def test_profile_counts_one_vmapped_convolution_where_learn2learn_runs_one_per_task() -> None:
+    import_learn2learn()
+    import profile_step
+
+    setting = speed.settings(None, quick=True)[0]
+    ours, l2l = (profile_step.profile(m, setting, steps=1) for m in profile_step.METHODS)
+    assert 0 < ours["conv_s"] <= ours["op_s"] and 0 < l2l["conv_s"] <= l2l["op_s"]
+    assert l2l["conv_calls"] == setting.tasks * ours["conv_calls"]
