@@ -85,6 +85,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.train_shots = train_shots or shots
         self.train_queries = train_queries or queries
         self.seed = seed
+        self._train_loader: EpisodeLoader | None = None
+        self._restored_train_stream: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------------------- subclass API
     def sample_task(self, split: str, generator: torch.Generator) -> Task:
@@ -174,7 +176,24 @@ class EpisodicDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> EpisodeLoader:
-        return self.episode_loader("train")
+        loader = self.episode_loader("train")
+        if self._restored_train_stream is not None:
+            loader.load_state_dict(self._restored_train_stream)
+            self._restored_train_stream = None
+        self._train_loader = loader
+        return loader
+
+    # The training stream's position travels in the datamodule's own checkpoint entry. Lightning also saves the
+    # loader's state, but hands it back only when it resumes mid-epoch or under ``max_steps``; from a checkpoint
+    # written at an epoch's end under ``max_epochs`` (best and last, in every shipped config) it does not, and the
+    # resumed run would replay epoch 0's episodes. Loading the same state twice (mid-epoch) is harmless.
+    def state_dict(self) -> dict[str, Any]:
+        if self._train_loader is None:
+            return {}
+        return {"train_stream": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_train_stream = state_dict.get("train_stream")
 
     def val_dataloader(self) -> EpisodeLoader:
         return self.episode_loader("val")

@@ -47,8 +47,12 @@ def _deterministic_seed():
     yield
 
 
-def sinusoid_maml_run(root: Path, max_steps: int, callbacks: list, validate: bool = False):
-    """``(model, datamodule, trainer)`` of a tiny seeded MAML sinusoid run, 3 steps an epoch: for resume tests."""
+def sinusoid_maml_run(root: Path, max_steps: int, callbacks: list, validate: bool = False, by_epochs: bool = False):
+    """``(model, datamodule, trainer)`` of a tiny seeded MAML sinusoid run, 3 steps an epoch: for resume tests.
+
+    ``by_epochs`` stops the run with ``max_epochs`` (``max_steps`` must then be a whole number of epochs), as every
+    shipped config does; Lightning restores loops differently in the two modes.
+    """
     import lightning.pytorch as pl
 
     from datamodules import SinusoidDataModule
@@ -58,7 +62,8 @@ def sinusoid_maml_run(root: Path, max_steps: int, callbacks: list, validate: boo
     model = MAML(SinusoidMLP(hidden=(16, 16)), inner_lr=0.01, inner_steps=1)
     dm = SinusoidDataModule(shots=5, queries=5, meta_batch_size=4, train_batches=3, val_episodes=4, test_episodes=4)
     trainer = pl.Trainer(
-        max_steps=max_steps,
+        max_steps=-1 if by_epochs else max_steps,
+        max_epochs=max_steps // 3 if by_epochs else None,
         logger=False,
         callbacks=callbacks,
         enable_progress_bar=False,

@@ -43,6 +43,28 @@ def test_resume_is_exact(tmp_path, n):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("validate", [False, True], ids=["saved-at-train-epoch-end", "saved-after-validation"])
+def test_epoch_based_run_resumes_exactly_from_an_epoch_end_checkpoint(tmp_path, validate):
+    # Every shipped config stops on max_epochs, and its checkpoints (best, last) are written when an epoch ends. From
+    # such a checkpoint Lightning does not hand the train loader its saved state, so the datamodule must: otherwise
+    # the resumed run replays epoch 0's episodes.
+    def run(name, callbacks, ckpt_path=None):
+        record = RecordTasks()
+        model, dm, trainer = sinusoid_maml_run(tmp_path / name, 9, [record, *callbacks], validate, by_epochs=True)
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return model, record.seen
+
+    full, seen_full = run("full", [])
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    _, seen_first = run("first", [ckpt])
+    assert seen_first == seen_full
+    path = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
+    resumed, seen_resumed = run("resumed", [], ckpt_path=path)
+    assert seen_resumed == seen_full[3:]
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_next_epoch_draws_new_tasks():
     dm = SinusoidDataModule(meta_batch_size=2, train_batches=2)
     loader = dm.train_dataloader()
