@@ -75,3 +75,21 @@ def sinusoid_maml_run(root: Path, max_steps: int, callbacks: list, validate: boo
         accelerator="cpu",
     )
     return model, dm, trainer
+
+
+def cpu_trainer(**kwargs):
+    """A quiet single-CPU ``Trainer`` for tests (gradients in evaluation, no logger or checkpoints); ``kwargs`` override."""
+    import lightning.pytorch as pl
+
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)

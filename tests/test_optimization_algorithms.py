@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +28,8 @@ from datamodules.errors import ConfigError
 from lit_meta import ANIL, MAML, Conv4, MetaSGD, Reptile, SinusoidMLP
 from lit_meta.algorithms.maml import multi_step_loss_weights
 from lit_meta.backbones import uses_fused_norm
+
+from conftest import cpu_trainer as trainer
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 3
 
@@ -514,21 +515,6 @@ class GaussianTasks(EpisodicDataModule):
             return x.to(self.dtype), torch.arange(shape.ways).repeat_interleave(per_class)
 
         return (*draw(shape.shots), *draw(shape.queries))
-
-
-def trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
 
 
 def mlp_classifier() -> nn.Module:

@@ -4,8 +4,7 @@ It guards the whole evaluation path (checkpoint loading, Conv-4, transductive no
 the Vinyals test split and its fixed episodes) against a silent regression that no gradient test would see.
 """
 
-from conftest import REPO
-from test_optimization_algorithms import trainer
+from conftest import REPO, cpu_trainer
 
 from datamodules import OmniglotDataModule
 from lit_meta import MAML
@@ -21,6 +20,6 @@ def test_released_maml_checkpoint_reproduces_its_test_accuracy(shared_data):
     dm = OmniglotDataModule(
         root=shared_data / "omniglot", split="vinyals", ways=5, shots=1, queries=1, test_episodes=200
     )
-    result = trainer().test(model, dm, verbose=False)[0]
+    result = cpu_trainer().test(model, dm, verbose=False)[0]
     assert result["test/acc"] >= 0.975, result  # measured 0.989 on these episodes (1,000 queries)
     assert result["test/acc_pre"] < 0.3, result  # unadapted, the head is at chance (0.2): adaptation does the work
