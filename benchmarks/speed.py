@@ -355,6 +355,30 @@ def cuda_peak_mb(step: Callable[[], None], device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------- timing
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], repeats: int, per_round: int, device: torch.device
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Wall-clock and process-CPU seconds of every step of every method, ``{name: (walls, cpus)}``.
+
+    ``repeats`` rounds run ``per_round`` steps of each method, the order rotating every round, so that drifting load
+    on a shared machine hits all methods alike. The steps must have been warmed up.
+    """
+    names = list(steps)
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            walls, cpus = times[name]
+            for _ in range(per_round):
+                synchronize(device)
+                wall, cpu = time.perf_counter(), time.process_time()
+                steps[name]()
+                synchronize(device)
+                walls.append(time.perf_counter() - wall)
+                cpus.append(time.process_time() - cpu)
+        print(f"  round {r + 1}/{repeats} done (load average {os.getloadavg()[0]:.1f})", flush=True)
+    return times
+
+
 def run(args: argparse.Namespace) -> list[Result]:
     device = torch.device(args.device)
     methods = METHODS + ([NATIVE_BN] if args.native_bn else [])
@@ -381,18 +405,9 @@ def run(args: argparse.Namespace) -> list[Result]:
                 rows[setting.name, m.name].peak_mb = cuda_peak_mb(steps[m.name], device)
             else:
                 steps[m.name]()
-        for r in range(args.repeats):
-            order = methods[r % len(methods) :] + methods[: r % len(methods)]
-            for m in order:
-                row = rows[setting.name, m.name]
-                for _ in range(args.steps):
-                    synchronize(device)
-                    wall, cpu = time.perf_counter(), time.process_time()
-                    steps[m.name]()
-                    synchronize(device)
-                    row.wall.append(time.perf_counter() - wall)
-                    row.cpu.append(time.process_time() - cpu)
-            print(f"  round {r + 1}/{args.repeats} done (load average {os.getloadavg()[0]:.1f})", flush=True)
+        for name, (walls, cpus) in time_interleaved(steps, args.repeats, args.steps, device).items():
+            rows[setting.name, name].wall += walls
+            rows[setting.name, name].cpu += cpus
         steps.clear()
         gc.collect()
     if cache is not None:

@@ -2,7 +2,8 @@
 
 A speed ratio means something only if both sides do the same work: these tests check that one meta-step of every
 lit_meta row and of learn2learn's MAML (FOMAML), from the same initialization on the same tasks, computes the same
-meta-gradient; and that the printed ratio is learn2learn's time over ours.
+meta-gradient; and that the printed ratio is learn2learn's time over ours. benchmarks/roofline.py's bound rests on its
+FLOP count: checked against the arithmetic written out by hand, and equal for both libraries.
 """
 
 from __future__ import annotations
@@ -136,3 +137,43 @@ def test_profile_counts_one_vmapped_convolution_where_learn2learn_runs_one_per_t
     ours, l2l = (profile_step.profile(m, setting, steps=1) for m in profile_step.METHODS)
     assert 0 < ours["conv_s"] <= ours["op_s"] and 0 < l2l["conv_s"] <= l2l["op_s"]
     assert l2l["conv_calls"] == setting.tasks * ours["conv_calls"]
+
+
+def conv4_fomaml_gflop(setting: speed.Setting, hidden: int = 64, image: int = 28) -> float:
+    """FOMAML's arithmetic on speed.py's Conv-4, written out: per image, a forward pass, the weight gradients of every
+    layer and the input gradients of every layer but the first (the images need none), on the support set at each
+    inner step and on the query set once."""
+    convs, size, channels = [], image, 1
+    for _ in range(4):
+        size = (size + 1) // 2  # stride 2, padding 1
+        convs.append(2 * size * size * hidden * channels * 9)
+        channels = hidden
+    head = 2 * hidden * setting.ways
+    per_image = 3 * sum(convs) - convs[0] + 3 * head
+    images = setting.ways * (setting.shots * setting.inner_steps + setting.queries)
+    return setting.tasks * images * per_image / 1e9
+
+
+def test_roofline_counts_the_arithmetic_both_libraries_do() -> None:
+    import_learn2learn()
+    import roofline
+
+    setting = speed.settings(None, quick=True)[0]
+    counted = {m.name: roofline.step_gflop(m, setting) for m in roofline.TIMED}
+    assert counted["ours FOMAML vmap"] == pytest.approx(conv4_fomaml_gflop(setting), rel=1e-9)
+    assert counted["l2l FOMAML"] == pytest.approx(counted["ours FOMAML vmap"], rel=1e-9)
+    assert counted["l2l MAML"] == pytest.approx(counted["ours MAML vmap"], rel=1e-9)
+    assert counted["ours MAML vmap"] > 1.5 * counted["ours FOMAML vmap"]  # the inner gradients' derivatives
+
+
+def test_roofline_ceiling_is_learn2learns_time_at_the_peak() -> None:
+    import roofline
+
+    # 10 GFLOP per step at 20 GFLOP/s take at least 0.5 s: 4x learn2learn's 2 s at most; 3x needs 75% of the peak.
+    assert roofline.ceiling(2.0, 10.0, 20.0) == pytest.approx(4.0)
+    assert roofline.needed_share(3.0, 2.0, 10.0, 20.0) == pytest.approx(0.75)
+    rows = [roofline.Row("s", "ours MAML vmap", 10.0, 1.0, 2.0, 8.0), roofline.Row("s", "l2l MAML", 10.0, 2.0, 2.0, 8.0)]
+    ours, l2l = roofline.table(rows, peak=20.0, target=3.0).splitlines()[2:]
+    # ... and at the convolutions' 8 GFLOP/s a step takes 1.25 s: 1.6x learn2learn at most.
+    assert ours.split()[-8:] == ["10.00", "1.000", "10.0", "50%", "2.00", "4.00", "1.60", "75%"]
+    assert l2l.split()[-4:] == ["10.00", "2.000", "5.0", "25%"]  # no ratios: it is the baseline
