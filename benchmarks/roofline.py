@@ -99,21 +99,22 @@ def peak_gflops(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -
 LAYOUTS = ("grouped NCHW", "grouped channels-last", "per task")
 
 
-def conv_layers(hidden: int = 64, image: int = 28) -> list[tuple[int, int, int]]:
-    """``(in_channels, out_channels, input size)`` of speed.py's Conv-4 (stride-2 3x3 convolutions)."""
-    layers, size, channels = [], image, 1
-    for _ in range(4):
-        layers.append((channels, hidden, size))
-        size, channels = (size + 1) // 2, hidden
+def conv_layers(setting: speed.Setting) -> list[tuple[int, int, int, int]]:
+    """``(in_channels, out_channels, input size, output size)`` of every convolution of speed.py's network."""
+    layers, size = [], 28  # speed.make_batch's images
+    for conv in (m for m in speed.make_network(setting).modules() if isinstance(m, torch.nn.Conv2d)):
+        out = (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        layers.append((conv.in_channels, conv.out_channels, size, out))
+        size = out
     return layers
 
 
-def conv_rate(setting: speed.Setting, layer: tuple[int, int, int], layout: str, repeats: int = 5) -> float:
+def conv_rate(setting: speed.Setting, layer: tuple[int, int, int, int], layout: str, repeats: int = 5) -> float:
     """GFLOP/s of one meta-batch's convolution of one layer on its support sets, forward plus the gradients an inner
     step takes (weight and, but for the first layer, input), with per-task weights: ``"grouped NCHW"`` is what vmap
     hands oneDNN, ``"grouped channels-last"`` the layout oneDNN prefers, ``"per task"`` one convolution per task, as
     learn2learn runs it."""
-    c, o, size = layer
+    c, o, size, out = layer
     t, n = setting.tasks, setting.ways * setting.shots
     if layout == "per task":
         xs = [torch.randn(n, c, size, size, requires_grad=c > 1) for _ in range(t)]
@@ -130,7 +131,6 @@ def conv_rate(setting: speed.Setting, layer: tuple[int, int, int], layout: str, 
         ys = [torch.nn.functional.conv2d(x, w, stride=2, padding=1, groups=groups) for x, w in zip(xs, ws)]
         torch.autograd.grad(ys, wrt, [torch.ones_like(y) for y in ys])
 
-    out = (size + 1) // 2
     flop = 2 * n * t * out * out * o * c * 9 * (3 if c > 1 else 2)
     run()
     best = min(_timed(run) for _ in range(repeats))
@@ -140,9 +140,9 @@ def conv_rate(setting: speed.Setting, layer: tuple[int, int, int], layout: str, 
 def best_conv_rate(setting: speed.Setting) -> tuple[float, dict[str, list[float]]]:
     """The convolutions' GFLOP/s if every layer ran in its fastest layout (layers weighted by their forward
     arithmetic), and every layout's rate per layer: ``(rate, {layout: [per layer]})``."""
-    layers = conv_layers()
+    layers = conv_layers(setting)
     rates = {layout: [conv_rate(setting, layer, layout) for layer in layers] for layout in LAYOUTS}
-    flops = [o * c * ((size + 1) // 2) ** 2 for c, o, size in layers]
+    flops = [o * c * out**2 for c, o, _, out in layers]
     seconds = sum(f / max(rates[layout][i] for layout in LAYOUTS) for i, f in enumerate(flops))
     return sum(flops) / seconds, rates
 
@@ -209,10 +209,11 @@ def main(argv: list[str] | None = None) -> None:
     peak_before = peak_gflops(sizes)
     rows: list[Row] = []
     conv_rates: dict[str, dict[str, list[float]]] = {}
+    best_rates: dict[str, float] = {}
     for setting in speed.settings(None, args.quick):
         print(f"== {setting.name}: {setting.describe()}", flush=True)
         gflop = {m.name: step_gflop(m, setting) for m in TIMED}
-        best_rate, conv_rates[setting.name] = best_conv_rate(setting)
+        best_rates[setting.name], conv_rates[setting.name] = best_conv_rate(setting)
         batch = speed.make_batch(setting, device)
         steps = {m.name: speed.make_step(m, setting, batch, device)[0] for m in TIMED}
         for step in steps.values():
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         median = {name: statistics.median(walls) for name, (walls, _) in times.items()}
         for m in TIMED:
             l2l = median["l2l FOMAML" if m.first_order else "l2l MAML"]
-            rows.append(Row(setting.name, m.name, gflop[m.name], median[m.name], l2l, best_rate))
+            rows.append(Row(setting.name, m.name, gflop[m.name], median[m.name], l2l, best_rates[setting.name]))
     peak = max(peak_before, peak_gflops(sizes))
 
     print()
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         "convolutions of one meta-batch, forward + the inner step's gradients, per-task weights "
         "(GFLOP/s, share of the peak):"
     )
-    print(conv_table(conv_rates, {r.setting: r.conv_rate for r in rows}, peak))
+    print(conv_table(conv_rates, best_rates, peak))
     print()
     print(
         "GFLOP/step: counted by FlopCounterMode; ceiling: the largest l2l/ours any implementation reaches at the peak; "
