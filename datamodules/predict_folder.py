@@ -13,9 +13,9 @@ format of its training datamodule in its checkpoints (see :func:`input_format_of
 ``python -m lit_meta predict --ckpt_path model.ckpt --data datamodules.PredictFolderDataModule --data.support_dir
 support --data.query_dir query`` needs nothing else.
 
-The whole query set is one task, classified at once: the backbones normalise with batch statistics (transductive, as
-in training and evaluation), so a prediction depends on the other query images; ``query_batch_size`` splits a large
-query folder into tasks of that many images (each with the whole support set).
+The whole query set is one task; ``query_batch_size`` splits a large query folder into tasks of that many images
+(each with the whole support set). Prediction follows the model's ``prediction_protocol``, which is not transductive
+unless asked, so an image's prediction does not depend on the other query images.
 """
 
 from __future__ import annotations

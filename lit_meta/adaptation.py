@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lit_meta.normalization import current_recording, recording
+
 Params = dict[str, Tensor]
 # A learning rate per step: one float for every parameter, or one (tensor or float) per parameter name.
 StepSize = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
@@ -108,15 +110,28 @@ def adapt(
     # precision (which would make the fp32 inner loop fp16 again where it matters: its gradients).
     dtype = torch.get_autocast_dtype(device) if autocast else None
 
-    def inner_loss(p: Params) -> Tensor:
+    # Normalization statistics computed inside torch.func.grad cannot leave it as side effects: while training
+    # records them, the inner loss returns them as grad's auxiliary output and they are passed on to the caller's scope.
+    outer = current_recording()
+    recorded: list[nn.Module] = []
+
+    def inner_loss(p: Params) -> Tensor | tuple[Tensor, tuple[Tensor, ...]]:
         with torch.autocast(device, dtype=dtype, enabled=not fp32) if autocast else nullcontext():
-            out = functional_call(model, {**context, **p}, (x,))
-            return loss_fn(out, y) * loss_scale
+            if outer is None:
+                return loss_fn(functional_call(model, {**context, **p}, (x,)), y) * loss_scale
+            with recording() as scope:
+                loss = loss_fn(functional_call(model, {**context, **p}, (x,)), y) * loss_scale
+            recorded[:] = scope.modules
+            return loss, tuple(scope.tensors)
 
     trajectory = [params]
     with torch.autocast(device, enabled=False) if autocast else nullcontext():
         for step in range(steps):
-            grads = torch.func.grad(inner_loss)(params)
+            if outer is None:
+                grads = torch.func.grad(inner_loss)(params)
+            else:
+                grads, statistics = torch.func.grad(inner_loss, has_aux=True)(params)
+                outer.extend(recorded, statistics)
             lr = None if update is not None else step_size(step) if callable(step_size) else step_size
             new: Params = {}
             for name, value in params.items():

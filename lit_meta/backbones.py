@@ -1,10 +1,10 @@
 """Backbones for few-shot learning.
 
-Every backbone here is safe under ``torch.func.vmap`` with second-order gradients. Native ``nn.BatchNorm2d`` is not:
-its second-order meta-gradient under vmap is silently wrong (see DESIGN.md), so normalization is
-:class:`BatchStatNorm`, written with plain tensor ops. It always normalizes with the statistics of the batch it sees,
-in training and in evaluation, as the reference MAML did: evaluation is *transductive* (a task's query set is
-normalized with its own statistics), so always evaluate whole query sets.
+Every backbone here is exact under ``torch.func.vmap`` with second-order gradients. Native ``nn.BatchNorm2d`` is not:
+its second-order meta-gradient under vmap is silently wrong (about 1% relative error on Conv-4, where the per-task
+loop and finite differences agree), so normalization is :class:`BatchStatNorm`, written with plain tensor ops.
+Training normalizes with batch statistics, as the reference MAML did, and records running statistics; which
+statistics evaluation uses is the algorithm's ``normalization`` protocol (:mod:`lit_meta.normalization`).
 
 A backbone built with ``out_features`` ends in a linear layer named ``head`` (the part ANIL adapts); without it, it
 returns embeddings (what metric methods use).
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.errors import ConfigError
+from lit_meta.normalization import Recording, current_recording, statistics_source
 
 
 class Backbone(nn.Module):
@@ -69,34 +70,75 @@ def build_backbone(spec: dict[str, Any]) -> nn.Module:
 
 
 class BatchStatNorm(nn.Module):
-    """Normalization over every dimension but the channel one (dim 1), with batch statistics and an affine map.
+    """Normalization over every dimension but the channel one (dim 1), with an affine map and running statistics.
 
-    Equivalent to ``nn.BatchNorm{1,2}d(track_running_stats=False)`` but with exact higher-order gradients under
-    ``vmap``.
+    In training it normalizes with the statistics of the batch it sees, like ``nn.BatchNorm{1,2}d``, but with exact
+    higher-order gradients under ``vmap``; the statistics it computed are recorded on the side and folded into
+    ``running_mean``/``running_var`` once per optimizer step (see :mod:`lit_meta.normalization`). Which statistics
+    it uses at evaluation is the algorithm's ``normalization`` protocol: the batch's, the support set's, or the
+    running ones.
 
-    ``fused=True`` calls PyTorch's native batch-norm kernel instead (about 1.5x faster per Conv-4 step on CPU). Its
-    *second-order* gradient under ``vmap`` is silently wrong, so it is only for methods without second-order terms
-    (ProtoNet, MatchingNet, first-order MAML, Reptile); the second-order algorithms refuse it (see
-    :func:`uses_fused_norm`).
+    ``fused=True`` calls PyTorch's native batch-norm kernel in training instead (faster on CPU). Its *second-order*
+    gradient under ``vmap`` is silently wrong, so it is only for methods without second-order terms (ProtoNet,
+    MatchingNet, first-order MAML, Reptile); the second-order algorithms refuse it (see :func:`uses_fused_norm`).
+
+    Args:
+        num_features: channels.
+        eps: added to the variance.
+        fused: use the native kernel (first-order methods only).
+        momentum: weight of each optimizer step's statistics in the running averages (as ``nn.BatchNorm``'s).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, fused: bool = False) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, fused: bool = False, momentum: float = 0.1) -> None:
         super().__init__()
+        if not 0.0 < momentum <= 1.0:
+            raise ConfigError(f"norm momentum must be in (0, 1], got {momentum!r}")
         self.eps = eps
         self.fused = fused
+        self.momentum = momentum
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        # Optimizer steps folded in; -1 marks a model whose running statistics were never recorded (a checkpoint
+        # written without them), which the running protocol refuses.
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def _affine(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        # Normalization and affine folded into one per-channel scale and shift: two passes over x instead of six.
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        scale = torch.rsqrt(var.reshape(shape) + self.eps) * self.weight.view(shape)
+        return x * scale + (self.bias.view(shape) - mean.reshape(shape) * scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused:
-            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, momentum=0.0, eps=self.eps)
+        source = statistics_source()
+        if source == "running":
+            return self._affine(x, self.running_mean, self.running_var)
+        rows = x if source is None else x[:source]
+        scope = current_recording()
         dims = [0] + list(range(2, x.dim()))
-        var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        # Fold normalization and affine into one per-channel scale and shift: two passes over x instead of six
-        # (this norm was most of a ProtoNet step on CPU).
-        scale = torch.rsqrt(var + self.eps) * self.weight.view(shape)
-        return x * scale + (self.bias.view(shape) - mean * scale)
+        if self.fused and source is None:
+            out = F.batch_norm(x, None, None, self.weight, self.bias, training=True, momentum=0.0, eps=self.eps)
+            if scope is not None:
+                var, mean = torch.var_mean(rows, dim=dims, correction=0)
+                self._record(scope, rows, mean, var)
+            return out
+        var, mean = torch.var_mean(rows, dim=dims, keepdim=True, correction=0)
+        if scope is not None:
+            self._record(scope, rows, mean, var)
+        return self._affine(x, mean, var)
+
+    def _record(self, scope: Recording, rows: Tensor, mean: Tensor, var: Tensor) -> None:
+        n = rows.numel() // rows.shape[1]
+        scope.add(self, mean.flatten(), var.flatten() * (n / max(n - 1, 1)))
+
+    def update_running_statistics(self, mean: Tensor, var: Tensor) -> None:
+        """One momentum step of the running averages toward a step's batch ``mean`` and unbiased ``var``."""
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.to(self.running_var.dtype), alpha=m)
+            self.num_batches_tracked.clamp_(min=0).add_(1)
 
 
 def uses_fused_norm(module: nn.Module) -> bool:
@@ -185,8 +227,8 @@ class Conv4(ConvBackbone):
       (84 -> 42 -> 21 -> 10 -> 5), the 32x5x5 feature map flattened, an 800 -> N head.
 
     Differences from the TensorFlow original, kept deliberately: the normalization has a learnable scale (TF's
-    ``batch_norm`` default had none; initialized to 1 it starts identical), and it always uses the statistics of the
-    batch it sees, as the original did (``is_training`` was never switched off), so evaluation is transductive.
+    ``batch_norm`` default had none; initialized to 1 it starts identical). Training uses the statistics of the batch
+    it sees, as the original did; evaluation follows the algorithm's ``normalization`` protocol.
 
     Args:
         in_channels: image channels (1 for Omniglot, 3 for mini-ImageNet / CIFAR).

@@ -223,8 +223,8 @@ def embedding_projection(model: MetaLearner, episode: TaskBatch) -> dict[str, Te
     if embed_task is None:
         raise ConfigError(f"{type(model).__name__} has no embeddings to project")
     sx, sy, qx = episode.support_x[0], episode.support_y[0], episode.query_x[0]
-    with torch.no_grad():
-        zs, zq = embed_task(sx, qx)
+    with torch.no_grad(), model.evaluation_normalization():
+        zs, zq = embed_task(sx, qx, training=False)
     z = torch.cat([zs, zq]).flatten(1).float().cpu()
     centred = z - z.mean(dim=0, keepdim=True)
     q = min(2, *centred.shape)

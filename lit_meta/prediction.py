@@ -13,8 +13,8 @@ From the command line, ``python -m lit_meta predict --ckpt_path model.ckpt --dat
 --data.support_dir support --data.query_dir query`` does the same and :class:`PredictionWriter` writes the CSV.
 
 Adaptation runs the algorithm's evaluation path (``task_step(..., training=False)``) on one task whose query targets
-are placeholders: only the predictions are used. The backbones normalise with batch statistics, so predictions are
-transductive: classify a whole query set in one call rather than one image at a time.
+are placeholders: only the predictions are used. It is not transductive unless asked (``normalization=
+"transductive"``): the prediction for an image is the same whatever other images are in the call.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from torch import Tensor
 from datamodules.errors import ConfigError, DataError
 from datamodules.predict_folder import InputFormat, read_query_folder, read_support_folder
 from datamodules.task_batch import TaskBatch
+from lit_meta.normalization import check_protocol
 
 if TYPE_CHECKING:  # the base class imports this module
     from lit_meta.algorithms.base import MetaLearner
@@ -184,10 +185,22 @@ def inner_steps(model: MetaLearner, steps: int | None) -> Iterator[None]:
         model.eval_inner_steps = previous
 
 
-def predict_batch(model: MetaLearner, batch: TaskBatch, steps: int | None = None) -> Tensor:
+@contextmanager
+def normalization_protocol(model: MetaLearner, protocol: str | None) -> Iterator[None]:
+    """Temporarily evaluate ``model`` under ``protocol`` (``None``: its :attr:`prediction_protocol`)."""
+    previous = model.normalization
+    model.normalization = check_protocol(model.prediction_protocol if protocol is None else protocol)
+    try:
+        yield
+    finally:
+        model.normalization = previous
+
+
+def predict_batch(model: MetaLearner, batch: TaskBatch, steps: int | None = None, normalization: str | None = None) -> Tensor:
     """The algorithm's query predictions ``[T, Q, ...]`` for every task of ``batch`` (no graph kept).
 
     The query targets of ``batch`` are only placeholders for the losses that ``task_step`` also computes.
+    ``normalization`` is the protocol (default: the model's :attr:`prediction_protocol`).
     """
     model._require_grad_mode()
     was_training = model.training
@@ -195,7 +208,7 @@ def predict_batch(model: MetaLearner, batch: TaskBatch, steps: int | None = None
     try:
         # Optimization-based methods adapt with gradients even at prediction time (Lightning's predict loop runs
         # under no_grad).
-        with inner_steps(model, steps), torch.enable_grad():
+        with inner_steps(model, steps), normalization_protocol(model, normalization), torch.enable_grad():
             _, predictions = model.task_outputs(batch, training=False)
     finally:
         model.train(was_training)
@@ -219,8 +232,7 @@ class AdaptedModel:
     """A meta-learner adapted to one support set; classifies (or regresses) new inputs.
 
     Create with :meth:`MetaLearner.adapt <lit_meta.algorithms.base.MetaLearner.adapt>`. Every call re-runs the
-    algorithm's evaluation on ``(support, query)``, so it is deterministic and stays correct for transductive
-    (batch-statistics) backbones: pass the whole query set at once.
+    algorithm's evaluation on ``(support, query)``, so it is deterministic.
 
     Args:
         model: the trained algorithm.
@@ -228,6 +240,8 @@ class AdaptedModel:
         support_y: ``[n]`` class labels ``0..N-1`` (every label present), or float regression targets.
         class_names: optional names of the ``N`` classes.
         steps: inner steps for optimization-based methods (default: the model's ``eval_inner_steps``).
+        normalization: the normalization protocol (default: the model's ``prediction_protocol``, never transductive
+            unless the model asks for it).
     """
 
     def __init__(
@@ -237,8 +251,10 @@ class AdaptedModel:
         support_y: Tensor,
         class_names: Sequence[str] | None = None,
         steps: int | None = None,
+        normalization: str | None = None,
     ) -> None:
         check_steps(model, steps)
+        self.normalization = None if normalization is None else check_protocol(normalization)
         fmt = getattr(model, "input_format", None)
         self.model = model
         self.support_x = _as_inputs(support_x, fmt, model.device)
@@ -274,7 +290,7 @@ class AdaptedModel:
         else:
             placeholder = torch.zeros(len(query_x), *self.support_y.shape[1:], dtype=self.support_y.dtype, device=query_x.device)
         batch = TaskBatch(self.support_x[None], self.support_y[None], query_x[None], placeholder[None])
-        return predict_batch(self.model, batch, self.steps)[0]
+        return predict_batch(self.model, batch, self.steps, self.normalization)[0]
 
     def __call__(self, query_x: Tensor) -> Tensor:
         """Class probabilities ``[Q, N]`` (regression: the predicted targets)."""

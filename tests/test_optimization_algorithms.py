@@ -468,7 +468,8 @@ def test_non_transductive_evaluation(algorithm):
     results = {}
     for transductive in (True, False):
         for vectorize in (True, False):
-            learner = build(cls, conv, vectorize, transductive=transductive, **kwargs)
+            protocol = "transductive" if transductive else "per_query"
+            learner = build(cls, conv, vectorize, normalization=protocol, **kwargs)
             with torch.enable_grad():
                 _, predictions = learner.task_outputs(batch, training=False)
             results[transductive, vectorize] = predictions
@@ -476,7 +477,7 @@ def test_non_transductive_evaluation(algorithm):
     torch.testing.assert_close(results[True, True], results[True, False])
     # Reference: adapt on task 0's support set (full-network inner loop, also for ANIL), then predict query i from
     # the batch cat(support, query_i) and take its last row.
-    learner = build(cls, conv, False, transductive=False, **kwargs)
+    learner = build(cls, conv, False, normalization="per_query", **kwargs)
     t, sx, sy = 0, batch.support_x[0], batch.support_y[0]
     trajectory, context = learner.adapt_task(sx, sy, training=False)
     params = {**context, **trajectory[-1]}
@@ -539,7 +540,7 @@ LEARNERS = {
         optimizer=adam(3e-3), lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3, eta_min=1e-4),
     ),
     "reptile": lambda: Reptile(mlp_classifier(), inner_lr=0.5, inner_steps=5, inner_optimizer="sgd", optimizer=sgd(1.0)),
-    "reptile-adam": lambda: Reptile(mlp_classifier(), inner_lr=0.01, inner_steps=5, optimizer=sgd(1.0), transductive=False),
+    "reptile-adam": lambda: Reptile(mlp_classifier(), inner_lr=0.01, inner_steps=5, optimizer=sgd(1.0), normalization="per_query"),
 }
 
 
@@ -669,7 +670,7 @@ def test_checkpoint_round_trip(name, tmp_path):
     fit.save_checkpoint(path)
     loaded = MetaLearner.load_from_checkpoint(path)
     assert type(loaded) is type(learner)
-    for key in ("inner_lr", "inner_steps", "eval_inner_steps", "multi_step_loss", "lslr", "transductive"):
+    for key in ("inner_lr", "inner_steps", "eval_inner_steps", "multi_step_loss", "lslr", "normalization"):
         assert getattr(loaded, key) == getattr(learner, key)
     state, restored = learner.state_dict(), loaded.state_dict()
     assert state.keys() == restored.keys()

@@ -27,7 +27,8 @@ from torch.func import functional_call
 from datamodules.errors import ConfigError
 from lit_meta.adaptation import Params, adapt
 from lit_meta.algorithms.base import task_loss
-from lit_meta.algorithms.maml import MAML, predict_non_transductive
+from lit_meta.algorithms.maml import MAML
+from lit_meta.normalization import query_outputs
 
 HEAD = "head."
 
@@ -87,10 +88,7 @@ class ANIL(MAML):
         # so in training the graph from the features back to the body is kept for the meta-gradient.
         with torch.set_grad_enabled(training and torch.is_grad_enabled()):
             support_z = embed(support_x)
-            if training or self.transductive:
-                query_z = embed(query_x)
-            else:
-                query_z = predict_non_transductive(embed, support_x, query_x, self.vectorize)
+            query_z = query_outputs(embed, support_x, query_x, self.protocol(training), self.vectorize)
         head = _HeadView(self.backbone.head)
         fast = self.fast_parameters()
         if not training:

@@ -22,8 +22,17 @@ from datamodules.errors import ConfigError, LitMetaError
 from datamodules.predict_folder import InputFormat, input_format_of
 from datamodules.task_batch import TaskBatch
 from lit_meta.adaptation import fp32_inner_loop, map_tasks
-from lit_meta.backbones import backbone_spec, build_backbone
+from lit_meta.backbones import BatchStatNorm, backbone_spec, build_backbone
 from lit_meta.metrics import MeanConfidenceInterval
+from lit_meta.normalization import (
+    Recording,
+    check_protocol,
+    current_recording,
+    has_running_statistics,
+    recording,
+    running_statistics,
+    update_running_statistics,
+)
 from lit_meta.prediction import CHECKPOINT_KEY, AdaptedModel, check_algorithm, checkpoint_algorithm, predict_batch, read_checkpoint
 
 
@@ -67,6 +76,12 @@ class MetaLearner(pl.LightningModule):
         inner_loop_fp32: under ``16-mixed``/``bf16-mixed``, run the per-task inner loops (support-set gradients and
             updates) in float32 with autocast disabled, keeping the query forward and outer backward in mixed
             precision; see :func:`~lit_meta.adaptation.fp32_inner_loop`. No effect in ``32-true``.
+        normalization: the evaluation protocol of the normalization layers: ``"transductive"``, ``"support"``,
+            ``"per_query"`` or ``"running"`` (see :mod:`lit_meta.normalization`). Training is the same under each;
+            validation and test follow it.
+        predict_normalization: the protocol of :meth:`adapt` and ``predict``; ``None``: ``normalization`` where it
+            is not transductive, else ``"support"``, so that an image's prediction never depends on the other
+            images of the call. ``"transductive"`` must be asked for.
     """
 
     def __init__(
@@ -79,6 +94,8 @@ class MetaLearner(pl.LightningModule):
         chunk_size: int | None = None,
         grad_clip_norm: float | None = None,
         inner_loop_fp32: bool = False,
+        normalization: str = "transductive",
+        predict_normalization: str | None = None,
     ) -> None:
         super().__init__()
         if backbone is None:
@@ -105,6 +122,8 @@ class MetaLearner(pl.LightningModule):
         self.chunk_size = chunk_size
         self.grad_clip_norm = grad_clip_norm
         self.inner_loop_fp32 = inner_loop_fp32
+        self.normalization = check_protocol(normalization)
+        self.predict_normalization = None if predict_normalization is None else check_protocol(predict_normalization)
         self._eval_metrics: dict[str, MeanConfidenceInterval] = {}
         self.skipped_steps = 0
         # What the inputs look like (channels, size, inversion, value range): taken from the training datamodule,
@@ -133,12 +152,22 @@ class MetaLearner(pl.LightningModule):
     def task_outputs(self, batch: TaskBatch, training: bool) -> tuple[Tensor, Tensor]:
         """``(objectives [T], query_predictions [T, ...])`` of every task in the batch."""
 
-        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
-            return self.task_step(sx, sy, qx, qy, training)
+        # While training records normalization statistics, each task returns its own as extra outputs, so they leave
+        # vmap stacked over the tasks; they join the caller's recording scope (see lit_meta.normalization).
+        outer = current_recording() if training else None
+        recorded: list[nn.Module] = []
+
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, ...]:
+            if outer is None:
+                return self.task_step(sx, sy, qx, qy, training)
+            with recording() as scope:
+                objective, predictions = self.task_step(sx, sy, qx, qy, training)
+            recorded[:] = scope.modules
+            return (objective, predictions, *scope.tensors)
 
         chunk = None if training else self.chunk_size
-        with self.inner_loop_precision():
-            return map_tasks(
+        with self.inner_loop_precision(), nullcontext() if training else self.evaluation_normalization():
+            outputs = map_tasks(
                 one_task,
                 batch.support_x,
                 batch.support_y,
@@ -147,6 +176,24 @@ class MetaLearner(pl.LightningModule):
                 vectorize=self.vectorize,
                 chunk_size=chunk,
             )
+        if outer is not None:
+            outer.extend(recorded, outputs[2:])
+        return outputs[0], outputs[1]
+
+    def protocol(self, training: bool) -> str:
+        """The normalization protocol of a pass: batch statistics in training, ``normalization`` at evaluation."""
+        return "transductive" if training else self.normalization
+
+    def evaluation_normalization(self) -> AbstractContextManager[None]:
+        """The context evaluation passes run in: running statistics for the ``running`` protocol, else nothing."""
+        if self.normalization != "running":
+            return nullcontext()
+        if not has_running_statistics(self):
+            raise ConfigError(
+                f"this {type(self).__name__} has no running normalization statistics (its checkpoint was written "
+                "without them): evaluate with normalization: transductive, support or per_query"
+            )
+        return running_statistics()
 
     def meta_loss(self, batch: TaskBatch) -> Tensor:
         """The differentiable outer loss of a meta-batch: the mean over tasks of each task's objective."""
@@ -201,8 +248,11 @@ class MetaLearner(pl.LightningModule):
         opt.zero_grad()
         chunks = batch.chunks(self.chunk_size) if self.chunk_size else [batch]
         total, metric_values = torch.zeros((), device=self.device), []
+        statistics = Recording()
         for i, chunk in enumerate(chunks):
-            objectives, predictions = self.task_outputs(chunk, training=True)
+            with recording() as scope:
+                objectives, predictions = self.task_outputs(chunk, training=True)
+            statistics.extend(scope.modules, scope.tensors)
             loss = objectives.sum() / batch.num_tasks
             with self._backward_sync(last=i == len(chunks) - 1):
                 self.manual_backward(loss)
@@ -226,11 +276,18 @@ class MetaLearner(pl.LightningModule):
             )
         if self.scheduler_interval == "step":
             self._step_scheduler()
+        update_running_statistics(statistics.modules, statistics.tensors, reduce=self._mean_over_processes)
         name = self.metric_name(batch)
         self.log("train/loss", total, prog_bar=True, batch_size=batch.num_tasks)
         self.log(f"train/{name}", torch.cat(metric_values).mean(), prog_bar=True, batch_size=batch.num_tasks)
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch.num_tasks)
         return total
+
+    def _mean_over_processes(self, value: Tensor) -> Tensor | None:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return value
+        return trainer.strategy.reduce(value, reduce_op="mean")
 
     def _gradients_finite(self) -> bool:
         # fp16's GradScaler skips non-finite steps itself (its gradients are still scaled here); this covers
@@ -254,9 +311,17 @@ class MetaLearner(pl.LightningModule):
         if scheduler is not None:
             scheduler.step()
 
-    def on_train_epoch_end(self) -> None:
-        if self.scheduler_interval == "epoch":
-            self._step_scheduler()
+    def on_train_epoch_start(self) -> None:
+        # Epoch schedulers are brought to the epoch about to run rather than stepped when one ends: checkpoints are
+        # written at the end of validation, before any epoch-end hook, so a scheduler stepped there would resume one
+        # epoch behind. Counting from the scheduler's own state makes resume exact from any checkpoint.
+        if self.scheduler_interval != "epoch":
+            return
+        scheduler = self.lr_schedulers()
+        if scheduler is None:
+            return
+        while scheduler.last_epoch < self.current_epoch:
+            scheduler.step()
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
@@ -268,7 +333,7 @@ class MetaLearner(pl.LightningModule):
     def _evaluate(self, batch: TaskBatch, stage: str) -> None:
         self._require_grad_mode()
         # The precision context here too: some algorithms evaluate without going through task_outputs.
-        with torch.enable_grad(), self.inner_loop_precision():
+        with torch.enable_grad(), self.inner_loop_precision(), self.evaluation_normalization():
             values = self.task_metrics(batch)
         for key, per_task in values.items():
             name = f"{stage}/{key}"
@@ -308,13 +373,14 @@ class MetaLearner(pl.LightningModule):
         support_y: Tensor,
         class_names: list[str] | None = None,
         steps: int | None = None,
+        normalization: str | None = None,
     ) -> AdaptedModel:
         """Adapt to one labelled support set; the result classifies new examples.
 
         ``adapted = model.adapt(support_x, support_y)``; ``adapted(query_x)`` gives class probabilities ``[Q, N]``,
         ``adapted.predict(query_x)`` class indices. Works for every algorithm: it runs :meth:`task_step` with
-        ``training=False`` on the support set and the query inputs (placeholder query targets). Classify whole query
-        sets at once: batch-statistics backbones are transductive.
+        ``training=False`` on the support set and the query inputs (placeholder query targets). Not transductive
+        unless asked: an image's prediction does not depend on the other images of the call.
 
         Args:
             support_x: ``[n, ...]`` inputs: float as in training, or ``uint8`` pixels (converted with
@@ -322,8 +388,16 @@ class MetaLearner(pl.LightningModule):
             support_y: ``[n]`` labels ``0..N-1`` (every class present), or float targets for regression.
             class_names: names of the ``N`` classes, for :meth:`AdaptedModel.predict_names`.
             steps: inner steps of optimization-based methods (default ``eval_inner_steps``; 0: no adaptation).
+            normalization: the protocol (see :mod:`lit_meta.normalization`); default :attr:`prediction_protocol`.
         """
-        return AdaptedModel(self, support_x, support_y, class_names=class_names, steps=steps)
+        return AdaptedModel(self, support_x, support_y, class_names=class_names, steps=steps, normalization=normalization)
+
+    @property
+    def prediction_protocol(self) -> str:
+        """The normalization protocol of prediction (see ``predict_normalization``)."""
+        if self.predict_normalization is not None:
+            return self.predict_normalization
+        return "support" if self.normalization == "transductive" else self.normalization
 
     def predict_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """``{"probabilities": [T, Q, N]}`` (regression: ``{"predictions": [T, Q, ...]}``) for every task of ``batch``.
@@ -395,6 +469,15 @@ class MetaLearner(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_algorithm(checkpoint_algorithm(checkpoint), type(self), relation="related")
+        # A checkpoint written before its normalization layers recorded running statistics lacks their buffers:
+        # they load as "never recorded", which the running protocol refuses (the other protocols do not read them).
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            for name, module in self.named_modules():
+                if isinstance(module, BatchStatNorm) and f"{name}.weight" in state and f"{name}.num_batches_tracked" not in state:
+                    state[f"{name}.running_mean"] = torch.zeros_like(module.running_mean)
+                    state[f"{name}.running_var"] = torch.ones_like(module.running_var)
+                    state[f"{name}.num_batches_tracked"] = torch.tensor(-1, dtype=torch.long)
         record = (checkpoint.get(CHECKPOINT_KEY) or {}).get("input_format")
         if record:
             self.input_format = InputFormat.from_dict(record)

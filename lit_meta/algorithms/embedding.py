@@ -2,15 +2,14 @@
 
 * **The backbone returns embeddings.** It is built without a classifier head (``out_features: null``); a head would be
   a set of parameters that never receives a gradient, which DDP rejects (and which would silently waste memory).
-* **How an episode is embedded** (``joint_embedding``). The backbones normalise with the statistics of the batch they
-  see (:class:`~lit_meta.backbones.BatchStatNorm`; under ``vmap`` that batch is one task). With
+* **How an episode is embedded** (``joint_embedding``). In training the backbones normalise with the statistics of
+  the batch they see (:class:`~lit_meta.backbones.BatchStatNorm`; under ``vmap`` that batch is one task). With
   ``joint_embedding=True`` (the default) a task's support and query examples go through the backbone as *one* batch,
-  as in Snell et al.'s reference code (``torch.cat([xs, xq])`` before the encoder): every example of the episode is
-  normalised with the same statistics, which are estimated from many more examples than a 5-image 1-shot support set
-  would give. This is transductive at evaluation (the query set's statistics shape the embeddings), exactly like the
-  batch-statistics MAML; it is the same code path in training and evaluation, so the two stay consistent, and
-  evaluation always sees the whole query set of an episode. ``joint_embedding=False`` embeds support and query as
-  two batches (each normalised with its own statistics).
+  as in Snell et al.'s reference code (``torch.cat([xs, xq])`` before the encoder), so every example of the episode
+  is normalised with the same statistics; ``joint_embedding=False`` embeds support and query as two batches. At
+  evaluation the ``normalization`` protocol decides (:mod:`lit_meta.normalization`): ``"transductive"`` keeps the
+  training passes (the query set's statistics shape the embeddings), ``"running"`` uses the running statistics
+  recorded in training (Snell et al. evaluate in ``model.eval()`` mode), ``"support"`` the support set's.
 * **The number of ways inside** ``vmap``. ``N`` cannot be read from the labels inside ``vmap`` (``.item()`` is
   data-dependent), so :meth:`task_outputs` reads it once per meta-batch, outside ``vmap``, and :meth:`ways_of`
   returns it to the per-task code.
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from datamodules.errors import ConfigError, LitMetaError
 from datamodules.task_batch import TaskBatch
 from lit_meta.algorithms.base import MetaLearner
+from lit_meta.normalization import episode_outputs
 
 
 def one_hot(labels: Tensor, ways: int, dtype: torch.dtype) -> Tensor:
@@ -91,12 +91,10 @@ class EmbeddingMetaLearner(MetaLearner):
         """Backbone embeddings ``[n, D]`` of a batch of inputs."""
         return self.backbone(x).flatten(1)
 
-    def embed_task(self, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
-        """Embeddings of one task's support and query examples, jointly or separately (``joint_embedding``)."""
-        if self.joint_embedding:
-            z = self.embed(torch.cat([support_x, query_x]))
-            return z[: support_x.shape[0]], z[support_x.shape[0] :]
-        return self.embed(support_x), self.embed(query_x)
+    def embed_task(self, support_x: Tensor, query_x: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        """Embeddings of one task's support and query examples: in training (and under the transductive protocol)
+        jointly or separately (``joint_embedding``); at evaluation as the ``normalization`` protocol says."""
+        return episode_outputs(self.embed, support_x, query_x, self.protocol(training), self.joint_embedding, self.vectorize)
 
     def embedding_dim(self, given: int | None = None) -> int:
         """The backbone's embedding size: ``given``, else its ``embedding_dim`` attribute."""

@@ -33,10 +33,11 @@ all of them off this is exactly MAML:
 MAML++'s per-step batch-norm statistics and weights (BNRS/BNWB) are not needed: the backbones normalise with the
 statistics of the batch at hand (:class:`~lit_meta.backbones.BatchStatNorm`), in training and evaluation.
 
-**Transduction.** Batch-statistics normalization makes a query prediction depend on the other query examples
-(transductive, as in the reference MAML). ``transductive=False`` evaluates each query example separately: it is
-appended to the support set, so the normalization sees the support set plus that one example (Nichol et al.'s
-non-transductive protocol). Training is unaffected.
+**Normalization at evaluation** (``normalization``, see :mod:`lit_meta.normalization`): ``"transductive"`` normalizes
+the query set with its own batch statistics, as the reference MAML (a prediction then depends on the other queries,
+so the number of test queries is part of the protocol); ``"support"`` with the support set's; ``"per_query"`` each
+query with the support set plus itself (Nichol et al.'s non-transductive protocol); ``"running"`` with running
+statistics accumulated in meta-training, in the inner loop too. Training is the same under each.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from datamodules.task_batch import TaskBatch
 from lit_meta.adaptation import Params, StepSize, adapt, map_tasks
 from lit_meta.algorithms.base import MetaLearner, task_loss, task_metric
 from lit_meta.backbones import refuse_fused_norm_for_second_order
+from lit_meta.normalization import query_outputs
 
 
 def parameter_key(name: str) -> str:
@@ -73,21 +75,6 @@ def multi_step_loss_weights(steps: int, epoch: int, msl_epochs: int) -> list[flo
     return weights
 
 
-def predict_non_transductive(predict: Callable[[Tensor], Tensor], support_x: Tensor, query_x: Tensor, vectorize: bool) -> Tensor:
-    """Predict each query example from a batch of the support set plus that example alone.
-
-    With batch-statistics normalization the statistics then come from the support set and one query example, so no
-    query example influences another's prediction (Nichol et al. 2018's non-transductive evaluation).
-    """
-
-    def one(q: Tensor) -> Tensor:
-        return predict(torch.cat([support_x, q.unsqueeze(0)]))[-1]
-
-    if vectorize:
-        return torch.func.vmap(one, randomness="different")(query_x)
-    return torch.stack([one(q) for q in query_x])
-
-
 class MAML(MetaLearner):
     """MAML / FOMAML, with MAML++'s multi-step loss, LSLR and derivative-order annealing as options.
 
@@ -103,9 +90,8 @@ class MAML(MetaLearner):
         lslr: MAML++'s learned per-layer per-step inner learning rates.
         first_order_epochs: MAML++'s derivative-order annealing: first-order meta-gradients in the first
             ``first_order_epochs`` epochs (0: never, unless ``first_order``).
-        transductive: evaluate whole query sets at once (``True``) or each query example with the support set only
-            (``False``); see the module docstring.
-        **kwargs: see :class:`~lit_meta.algorithms.base.MetaLearner` (optimizer, scheduler, vectorize, chunk_size).
+        **kwargs: see :class:`~lit_meta.algorithms.base.MetaLearner` (optimizer, scheduler, vectorize, chunk_size,
+            normalization).
     """
 
     def __init__(
@@ -119,7 +105,6 @@ class MAML(MetaLearner):
         msl_epochs: int = 10,
         lslr: bool = False,
         first_order_epochs: int = 0,
-        transductive: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(backbone, **kwargs)
@@ -136,7 +121,6 @@ class MAML(MetaLearner):
         self.msl_epochs = msl_epochs
         self.lslr = lslr
         self.first_order_epochs = first_order_epochs
-        self.transductive = transductive
         if lslr:
             # One rate per parameter tensor and training step. Only training steps get a rate of their own: every
             # one is then used in every training step (DDP needs no unused-parameter search).
@@ -234,16 +218,18 @@ class MAML(MetaLearner):
             return functional_call(self.backbone, {**context, **params}, (x,))
 
         def predict(params: Params) -> Tensor:
-            if training or self.transductive:
-                return forward(params, query_x)
-            return predict_non_transductive(lambda x: forward(params, x), support_x, query_x, self.vectorize)
+            return query_outputs(lambda x: forward(params, x), support_x, query_x, self.protocol(training), self.vectorize)
 
         return self.query_objective(trajectory, predict, query_y, training)
 
     def task_metrics(self, batch: TaskBatch) -> dict[str, Tensor]:
         values = super().task_metrics(batch)
         # Before adaptation: how much of the result the inner loop is responsible for.
-        before = map_tasks(self.backbone, batch.query_x, vectorize=self.vectorize, chunk_size=self.chunk_size)
+
+        def unadapted(sx: Tensor, qx: Tensor) -> Tensor:
+            return query_outputs(self.backbone, sx, qx, self.normalization, self.vectorize)
+
+        before = map_tasks(unadapted, batch.support_x, batch.query_x, vectorize=self.vectorize, chunk_size=self.chunk_size)
         name = self.metric_name(batch)
         values[f"{name}_pre"] = self._per_task(task_metric, before, batch.query_y)
         if batch.is_classification:

@@ -146,9 +146,9 @@ class MatchingNet(EmbeddingMetaLearner):
         self.fce = FullContextEmbedding(self.embedding_dim(embedding_dim), fce_steps) if fce else None
         self.temperature = Temperature(temperature, learn_temperature)
 
-    def contextual_embeddings(self, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
+    def contextual_embeddings(self, support_x: Tensor, query_x: Tensor, training: bool = False) -> tuple[Tensor, Tensor]:
         """``g(x_i, S)`` ``[S, D]`` and ``f(x, S)`` ``[Q, D]`` of one task (the plain embeddings without FCE)."""
-        support_z, query_z = self.embed_task(support_x, query_x)
+        support_z, query_z = self.embed_task(support_x, query_x, training)
         if self.fce is None:
             return support_z, query_z
         support_g = self.fce.support(support_z)
@@ -171,7 +171,7 @@ class MatchingNet(EmbeddingMetaLearner):
         return torch.logsumexp(masked, dim=-2)
 
     def task_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, training: bool) -> tuple[Tensor, Tensor]:
-        support_g, query_f = self.contextual_embeddings(support_x, query_x)
+        support_g, query_f = self.contextual_embeddings(support_x, query_x, training)
         log_probs = self.log_probabilities(self.attention_logits(query_f, support_g), support_y, self.ways_of(support_y))
         return F.nll_loss(log_probs, query_y), log_probs
 

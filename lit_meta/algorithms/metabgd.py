@@ -57,6 +57,7 @@ from torch.func import functional_call
 from datamodules.errors import ConfigError, require_positive
 from datamodules.task_batch import TaskBatch
 from lit_meta.adaptation import Params, adapt, map_tasks
+from lit_meta.normalization import episode_outputs, query_outputs
 from lit_meta.algorithms.base import task_loss, task_metric
 from lit_meta.algorithms.embedding import EmbeddingMetaLearner, class_means
 from lit_meta.backbones import BatchStatNorm, refuse_fused_norm_for_second_order
@@ -216,13 +217,13 @@ class MetaBGD(EmbeddingMetaLearner):
         self.__dict__["_classifier"] = _TaskClassifier(self.backbone)
 
     # ---------------------------------------------------------------------------------------------- task model
-    def backbone_parameters(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Params:
+    def backbone_parameters(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, training: bool) -> Params:
         """The backbone's parameters for this task: FiLM-modulated from the support set, or the shared ones."""
         params = dict(self.backbone.named_parameters())
         if self.film is None:
             return params
         # Task context from an unmodulated pass (joint or separate, as for every other pass).
-        support_z, _ = self.embed_task(support_x, query_x)
+        support_z, _ = self.embed_task(support_x, query_x, training)
         for name, (gamma, beta) in self.film(class_means(support_z, support_y, self.ways_of(support_y))).items():
             params[f"{name}.weight"] = params[f"{name}.weight"] * (1 + gamma)
             params[f"{name}.bias"] = params[f"{name}.bias"] + beta
@@ -270,13 +271,12 @@ class MetaBGD(EmbeddingMetaLearner):
         steps = self.steps(training) if steps is None else steps
         first_order = self.first_order or not training
         scale = self.inner_loss_scale() if training else 1.0
-        backbone_params = self.backbone_parameters(support_x, support_y, query_x)
+        backbone_params = self.backbone_parameters(support_x, support_y, query_x, training)
+        protocol = self.protocol(training)
         if self.finetune == "head":
-            if self.joint_embedding:
-                z = self._embed_with(backbone_params, torch.cat([support_x, query_x]))
-                support_z, query_z = z[: support_x.shape[0]], z[support_x.shape[0] :]
-            else:
-                support_z, query_z = self._embed_with(backbone_params, support_x), self._embed_with(backbone_params, query_x)
+            support_z, query_z = episode_outputs(
+                lambda x: self._embed_with(backbone_params, x), support_x, query_x, protocol, self.joint_embedding, self.vectorize
+            )
             trajectory = adapt(
                 self._linear,
                 self.initial_head(support_z, support_y, init),
@@ -306,7 +306,10 @@ class MetaBGD(EmbeddingMetaLearner):
             context=buffers,
             loss_scale=scale,
         )
-        return [functional_call(self._classifier, {**buffers, **p}, (query_x,)) for p in trajectory]
+        return [
+            query_outputs(lambda x: functional_call(self._classifier, {**buffers, **p}, (x,)), support_x, query_x, protocol, self.vectorize)
+            for p in trajectory
+        ]
 
     # ---------------------------------------------------------------------------------------------- MetaLearner
     def task_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, training: bool) -> tuple[Tensor, Tensor]:
@@ -350,7 +353,7 @@ class MetaBGD(EmbeddingMetaLearner):
             with torch.no_grad():
                 return torch.stack(self.adapted_logits(sx, sy, qx, training=False, steps=steps, init=init))
 
-        with torch.enable_grad(), self.episode_ways(batch), self.inner_loop_precision():
+        with torch.enable_grad(), self.episode_ways(batch), self.inner_loop_precision(), self.evaluation_normalization():
             logits = map_tasks(per_task, batch.support_x, batch.support_y, batch.query_x, vectorize=self.vectorize, chunk_size=self.chunk_size)
         logits = logits.transpose(0, 1)  # [steps + 1, T, Q, N]
         targets = batch.query_y.expand(logits.shape[0], -1, -1)

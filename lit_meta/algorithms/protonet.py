@@ -114,7 +114,7 @@ class ProtoNet(EmbeddingMetaLearner):
         return self.temperature(similarity)
 
     def task_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, training: bool) -> tuple[Tensor, Tensor]:
-        support_z, query_z = self.embed_task(support_x, query_x)
+        support_z, query_z = self.embed_task(support_x, query_x, training)
         prototypes = class_means(support_z, support_y, self.ways_of(support_y))
         logits = self.logits(query_z, prototypes)
         return task_loss(logits, query_y), logits

@@ -23,8 +23,9 @@ reference code shuffled. To train on more examples per class than the evaluation
 (e.g. 10 on Omniglot), set the datamodule's ``train_shots``.
 
 **Evaluation** adapts on the support set with ``eval_inner_steps`` (and ``eval_inner_batch_size``) and predicts the
-query set transductively (all query examples normalized together) or, with ``transductive=False``, each query example
-in a batch with the support set alone, as the paper's non-transductive results.
+query set under the ``normalization`` protocol: ``"transductive"`` (all query examples normalized together, the
+paper's "+ Transduction" rows) or ``"per_query"`` (each query example in a batch with the support set alone, the
+paper's non-transductive rows); see :mod:`lit_meta.normalization`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from torch.func import functional_call
 from datamodules.errors import ConfigError
 from lit_meta.adaptation import Params, adapt
 from lit_meta.algorithms.base import task_loss
-from lit_meta.algorithms.maml import MAML, predict_non_transductive
+from lit_meta.algorithms.maml import MAML
+from lit_meta.normalization import query_outputs
 
 
 def reptile_optimizer(params) -> torch.optim.Optimizer:
@@ -100,7 +102,6 @@ class Reptile(MAML):
         adam_eps: Adam's epsilon.
         inner_batch_size: support examples per inner step in training (``None``: the whole support set).
         eval_inner_batch_size: the same at evaluation.
-        transductive: evaluate whole query sets (``True``) or each query example with the support set only.
         optimizer: the outer optimizer; ``SGD(lr=epsilon)`` gives Reptile's update exactly (default ``epsilon=1``).
         **kwargs: see :class:`~lit_meta.algorithms.base.MetaLearner`. MAML's second-order and MAML++ options do not
             apply: Reptile is first order and has no query loss.
@@ -117,7 +118,6 @@ class Reptile(MAML):
         adam_eps: float = 1e-8,
         inner_batch_size: int | None = None,
         eval_inner_batch_size: int | None = None,
-        transductive: bool = True,
         optimizer: OptimizerCallable = reptile_optimizer,
         **kwargs,
     ) -> None:
@@ -138,7 +138,6 @@ class Reptile(MAML):
             inner_steps,
             eval_inner_steps,
             first_order=True,
-            transductive=transductive,
             optimizer=optimizer,
             **kwargs,
         )
@@ -191,8 +190,5 @@ class Reptile(MAML):
             with torch.no_grad():
                 predictions = forward(query_x)  # only for the training accuracy
             return objective, predictions
-        if self.transductive:
-            predictions = forward(query_x)
-        else:
-            predictions = predict_non_transductive(forward, support_x, query_x, self.vectorize)
+        predictions = query_outputs(forward, support_x, query_x, self.normalization, self.vectorize)
         return task_loss(predictions, query_y), predictions
