@@ -20,7 +20,8 @@ class SinusoidDataModule(EpisodicDataModule):
 
     Args:
         shots: support points per task (K).
-        queries: query points per task.
+        queries: query points per evaluation task.
+        train_queries: query points per training task (default ``queries``); Finn et al. use K.
         amplitude_range, phase_range, input_range: the task distribution; defaults are the paper's.
         **kwargs: see :class:`~datamodules.base.EpisodicDataModule` (``ways`` is fixed to 1).
     """
@@ -39,12 +40,14 @@ class SinusoidDataModule(EpisodicDataModule):
         amplitude_range: tuple[float, float] = (0.1, 5.0),
         phase_range: tuple[float, float] = (0.0, math.pi),
         input_range: tuple[float, float] = (-5.0, 5.0),
+        train_queries: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(
             ways=1,
             shots=shots,
             queries=queries,
+            train_queries=train_queries,
             meta_batch_size=meta_batch_size,
             train_batches=train_batches,
             val_episodes=val_episodes,
