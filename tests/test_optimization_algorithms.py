@@ -643,7 +643,8 @@ def test_paper_configs_instantiate_with_the_papers_settings(name, monkeypatch):
         assert type(dm).__name__ == "OmniglotDataModule" and dm.split == "vinyals"
         assert model.backbone.embedding_dim in (64, 256)  # 64 filters: spatial mean / max-pool to 1x1, or 2x2 flattened
     else:
-        assert type(dm).__name__ == "MiniImageNetDataModule" and dm.queries == 15
+        # Finn et al.: K + 15 examples a class in training, 2K (K queries) at test
+        assert type(dm).__name__ == "MiniImageNetDataModule" and (dm.queries, dm.train_queries) == (shots, 15)
         assert model.backbone.embedding_dim == 800  # 32 filters x 5 x 5
     if algorithm == "Reptile":
         assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 1.0

@@ -330,11 +330,16 @@ class MetaLearner(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
 
     # ----------------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: TaskBatch, stage: str) -> None:
+    def episode_metrics(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """Per-episode evaluation values (``[T]`` each) under the evaluation protocol: what validation and test
+        average, and what a paired comparison of two models compares (:func:`lit_meta.evaluation.episode_values`)."""
         self._require_grad_mode()
         # The precision context here too: some algorithms evaluate without going through task_outputs.
         with torch.enable_grad(), self.inner_loop_precision(), self.evaluation_normalization():
-            values = self.task_metrics(batch)
+            return {k: v.detach() for k, v in self.task_metrics(batch).items()}
+
+    def _evaluate(self, batch: TaskBatch, stage: str) -> None:
+        values = self.episode_metrics(batch)
         for key, per_task in values.items():
             name = f"{stage}/{key}"
             if name not in self._eval_metrics:
