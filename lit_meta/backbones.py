@@ -118,10 +118,10 @@ class BatchStatNorm(nn.Module):
         scope = current_recording()
         dims = [0] + list(range(2, x.dim()))
         if self.fused and source is None:
-            out = F.batch_norm(x, None, None, self.weight, self.bias, training=True, momentum=0.0, eps=self.eps)
+            # The native kernel also returns the batch statistics, so recording them costs no extra pass over x.
+            out, mean, invstd = torch.native_batch_norm(x, self.weight, self.bias, None, None, True, 0.0, self.eps)
             if scope is not None:
-                var, mean = torch.var_mean(rows, dim=dims, correction=0)
-                self._record(scope, rows, mean, var)
+                self._record(scope, rows, mean, invstd.detach().pow(-2) - self.eps)
             return out
         var, mean = torch.var_mean(rows, dim=dims, keepdim=True, correction=0)
         if scope is not None:
