@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from lit_meta.algorithms.base import MetaLearner
 
 
-def episode_values(model: "MetaLearner", datamodule: "EpisodicDataModule", split: str = "test", limit: int | None = None) -> dict[str, Tensor]:
+def episode_values(model: "MetaLearner", datamodule: "EpisodicDataModule", split: str = "test", episodes: int | None = None) -> dict[str, Tensor]:
     """Every per-episode metric of ``model`` on the fixed ``split`` episodes of ``datamodule`` (``[episodes]`` each).
 
     The same episodes, protocol and values as ``trainer.test`` averages; the model is put in eval mode and runs on
@@ -33,19 +33,23 @@ def episode_values(model: "MetaLearner", datamodule: "EpisodicDataModule", split
         model: a trained algorithm.
         datamodule: gives the episodes (``setup`` is called here).
         split: ``"val"`` or ``"test"``.
-        limit: evaluate only the first ``limit`` batches.
+        episodes: evaluate only the first ``episodes`` episodes (the fixed episodes are the same whatever the count).
     """
     datamodule.setup("validate" if split == "val" else "test")
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
     was_training = model.training
     model.eval()
     values: dict[str, list[Tensor]] = {}
+    seen = 0
     try:
-        for i, batch in enumerate(loader):
-            if limit is not None and i >= limit:
+        for batch in loader:
+            if episodes is not None and seen >= episodes:
                 break
-            for key, value in model.episode_metrics(batch.to(model.device)).items():
+            seen += batch.num_tasks
+            # The Trainer's path: to the model's device, then the datamodule's conversion (uint8 pixels to floats).
+            batch = datamodule.prepare_batch(batch.to(model.device))
+            for key, value in model.episode_metrics(batch).items():
                 values.setdefault(key, []).append(value.cpu())
     finally:
         model.train(was_training)
-    return {key: torch.cat(parts) for key, parts in values.items()}
+    return {key: torch.cat(parts)[:episodes] for key, parts in values.items()}

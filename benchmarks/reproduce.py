@@ -1,0 +1,251 @@
+"""The reproduction table: every config in ``configs/`` beside the paper's number, from recorded full-schedule runs.
+
+    python benchmarks/reproduce.py render                 # writes docs/reproduce.md from the configs and the records
+    python benchmarks/reproduce.py render --check         # exit 1 if docs/reproduce.md is out of date
+    python benchmarks/reproduce.py evaluate configs/omniglot_protonet_5w1s.yaml CKPT --root data/omniglot \\
+        --steps 20000 --device "1 CPU thread" --hours 8.7 --selection "best validation (step 14,000)"
+
+``evaluate`` tests a checkpoint on the config's fixed test episodes (the same episodes, protocol and values as
+``python -m lit_meta test --config CONFIG --ckpt_path CKPT``), prints the result and records it in
+``benchmarks/reproduction.yaml`` (one entry per config: the paper, its number and protocol, and our results).
+``--normalization`` / ``--eval-inner-steps`` / ``--queries`` evaluate under another protocol than the config's; the
+row then says so. ``render`` turns the records into ``docs/reproduce.md``, so the table cannot drift from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+CONFIGS = REPO / "configs"
+RECORDS = REPO / "benchmarks" / "reproduction.yaml"
+TABLE = REPO / "docs" / "reproduce.md"
+# Test-time settings a result may override, as (record key, model or data init_args key).
+MODEL_OVERRIDES = {"normalization": "normalization", "eval_inner_steps": "eval_inner_steps"}
+DATA_OVERRIDES = {"queries": "queries"}
+
+
+def load_records(path: Path = RECORDS) -> dict[str, dict[str, Any]]:
+    """The recorded entries, keyed by config file name."""
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def read_config(name: str) -> dict[str, Any]:
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+def schedule_steps(config: dict[str, Any]) -> int:
+    """Optimizer steps of a config's full schedule."""
+    trainer = config.get("trainer") or {}
+    if trainer.get("max_steps") not in (None, -1):
+        return int(trainer["max_steps"])
+    data = config["data"]["init_args"]
+    return int(trainer.get("max_epochs", 1)) * int(data.get("train_batches", 1000))
+
+
+def protocol_text(config: dict[str, Any], result: dict[str, Any] | None = None) -> str:
+    """Split, test episode shape, normalization, inner steps and episode count of a config (with a result's overrides)."""
+    result = result or {}
+    data = dict(config["data"]["init_args"])
+    model = dict(config["model"]["init_args"])
+    for key, arg in DATA_OVERRIDES.items():
+        if result.get(key) is not None:
+            data[arg] = result[key]
+    for key, arg in MODEL_OVERRIDES.items():
+        if result.get(key) is not None:
+            model[arg] = result[key]
+    dataset = config["data"]["class_path"].rpartition(".")[2].replace("DataModule", "")
+    if dataset == "Sinusoid":
+        parts = [f"K={data.get('shots', 10)}, {data.get('queries', 10)} query points"]
+    else:
+        split = f" {data['split']} split" if data.get("split") else ""
+        parts = [f"{dataset}{split}", f"{data.get('ways', 5)}-way {data.get('shots', 1)}-shot {data.get('queries', 15)} queries/class"]
+        parts.append(f"{model.get('normalization', 'transductive')} norm")
+    if "eval_inner_steps" in model or "inner_steps" in model:
+        parts.append(f"{model.get('eval_inner_steps', model.get('inner_steps'))} inner steps")
+    parts.append(f"{data.get('test_episodes', 600):,} episodes")
+    return ", ".join(parts)
+
+
+def _number(value: float, ci: float, metric: str) -> str:
+    if metric == "acc":
+        return f"{100 * value:.2f} ± {100 * ci:.2f}%"
+    return f"{value:.3f} ± {ci:.3f}"
+
+
+def result_command(name: str, result: dict[str, Any]) -> str:
+    """The ``python -m lit_meta test`` command that reproduces a recorded result."""
+    parts = [f"python -m lit_meta test --config configs/{name}", f"--ckpt_path {result['checkpoint']}"]
+    for key, arg in MODEL_OVERRIDES.items():
+        if result.get(key) is not None:
+            parts.append(f"--model.init_args.{arg} {result[key]}")
+    for key, arg in DATA_OVERRIDES.items():
+        if result.get(key) is not None:
+            parts.append(f"--data.init_args.{arg} {result[key]}")
+    return " ".join(parts)
+
+
+def render(records: dict[str, dict[str, Any]]) -> str:
+    """``docs/reproduce.md`` from the records and the configs (every config, in name order)."""
+    names = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+    missing = [n for n in names if n not in records]
+    if missing:
+        raise SystemExit(f"error: benchmarks/reproduction.yaml has no entry for {', '.join(missing)}: add one")
+    run = sum(1 for n in names if records[n].get("results"))
+    lines = [
+        "# Reproductions",
+        "",
+        "Every config in `configs/` beside the paper it follows. *Ours* is the config's full schedule through the command",
+        "line (`python -m lit_meta fit --config ...`), its checkpoint tested on the config's fixed test episodes: mean ±",
+        "95% confidence interval (Student's t) over the episodes. The protocol columns name what the number depends on:",
+        "split, test episode shape, normalization at test (see the README's evaluation protocol), inner steps at test,",
+        "episode count, and which checkpoint was tested. Checkpoints listed are in the repository; the command under each",
+        "row reproduces its number on the real data (`--data.init_args.root` pointing at it).",
+        "",
+        "This file is generated by `python benchmarks/reproduce.py render` from `benchmarks/reproduction.yaml` and the",
+        "configs; `python benchmarks/reproduce.py evaluate ...` records a result.",
+        "",
+        f"{run} of {len(names)} configs have a full-schedule result.",
+        "",
+        "| config | paper | published (paper's protocol) | ours | our protocol | schedule, device, time |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    details: list[str] = []
+    for name in names:
+        entry, config = records[name], read_config(name)
+        published = f"{entry['published']} ({entry['paper_protocol']})"
+        results = entry.get("results") or []
+        if not results:
+            lines.append(
+                f"| `{name}` | {entry['paper']} | {published} | not run | {protocol_text(config)} | "
+                f"{schedule_steps(config):,} steps; {entry['estimate']} |"
+            )
+            continue
+        for result in results:
+            metric = result.get("metric", "acc")
+            ours = _number(result["value"], result["ci"], metric)
+            protocol = f"{protocol_text(config, result)}; {result['selection']}"
+            where = f"{result['steps']:,} of {schedule_steps(config):,} steps; {result['device']}, {result['hours']:g} h"
+            lines.append(f"| `{name}` | {entry['paper']} | {published} | **{ours}** | {protocol} | {where} |")
+            details.append(f"- `{name}` ({protocol_text(config, result)}): `{result_command(name, result)}`")
+            if result.get("note"):
+                details.append(f"  {result['note']}")
+    lines += ["", "## Commands and checkpoints", "", *details, ""]
+    notes = [f"- `{n}`: {records[n]['note']}" for n in names if records[n].get("note")]
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
+    return "\n".join(lines)
+
+
+def build_datamodule(config: dict[str, Any], root: str | None, **overrides: Any) -> Any:
+    """The config's datamodule, with ``root`` and any init-arg overrides."""
+    module_name, _, class_name = config["data"]["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    init_args = dict(config["data"]["init_args"])
+    if root is not None and "root" in init_args:
+        init_args["root"] = root
+    init_args.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**init_args)
+
+
+CHECK_EPISODES = 200
+
+
+def evaluate(name: str, checkpoint: str, root: str | None, overrides: dict[str, Any], episodes: int | None = None) -> tuple[float, float, str, float]:
+    """``(mean, ci, metric, mean of the first 200 episodes)`` of ``checkpoint`` on the config's test episodes, under
+    its protocol and ``overrides`` (``episodes``: only that many; the tests check the first 200 against the record)."""
+    from lit_meta import load_model
+    from lit_meta.evaluation import episode_values
+    from lit_meta.metrics import mean_confidence_interval
+
+    config = read_config(name)
+    model_overrides = {arg: overrides[key] for key, arg in MODEL_OVERRIDES.items() if overrides.get(key) is not None}
+    model = load_model(checkpoint, map_location="cpu", **model_overrides)
+    data_overrides = {arg: overrides.get(key) for key, arg in DATA_OVERRIDES.items()}
+    datamodule = build_datamodule(config, root, **data_overrides)
+    values = episode_values(model, datamodule, "test", episodes=episodes)
+    metric = "acc" if "acc" in values else "mse"
+    mean, ci = mean_confidence_interval(values[metric])
+    return mean, ci, metric, float(values[metric][:CHECK_EPISODES].double().mean())
+
+
+def record(name: str, result: dict[str, Any], path: Path = RECORDS) -> None:
+    """Add ``result`` to the config's entry, replacing one of the same checkpoint and overrides."""
+    records = load_records(path)
+    if name not in records:
+        raise SystemExit(f"error: benchmarks/reproduction.yaml has no entry for {name}: add its paper and protocol first")
+    keys = ("checkpoint", *MODEL_OVERRIDES, *DATA_OVERRIDES)
+    same = lambda r: all(r.get(k) == result.get(k) for k in keys)  # noqa: E731
+    results = [r for r in records[name].get("results") or [] if not same(r)] + [result]
+    records[name]["results"] = results
+    text = yaml.safe_dump(records, sort_keys=True, allow_unicode=True, width=120)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    rend = sub.add_parser("render", help="write docs/reproduce.md")
+    rend.add_argument("--check", action="store_true", help="only check that docs/reproduce.md is up to date")
+    ev = sub.add_parser("evaluate", help="test a checkpoint on a config's test episodes and record the result")
+    ev.add_argument("config", help="a file in configs/")
+    ev.add_argument("checkpoint", help="a checkpoint file in the repository")
+    ev.add_argument("--root", default=None, help="the dataset folder (the config's data.init_args.root)")
+    ev.add_argument("--normalization", default=None)
+    ev.add_argument("--eval-inner-steps", type=int, default=None)
+    ev.add_argument("--queries", type=int, default=None)
+    ev.add_argument("--steps", type=int, required=True, help="training steps the checkpoint's run took")
+    ev.add_argument("--device", required=True, help="e.g. '1 CPU thread'")
+    ev.add_argument("--hours", type=float, required=True, help="wall time of the training run")
+    ev.add_argument("--selection", required=True, help="which checkpoint: e.g. 'best validation (step 14,000)'")
+    ev.add_argument("--note", default=None)
+    ev.add_argument("--no-record", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+
+    if args.command == "render":
+        text = render(load_records())
+        if args.check:
+            if not TABLE.is_file() or TABLE.read_text() != text:
+                raise SystemExit("docs/reproduce.md is out of date: run python benchmarks/reproduce.py render")
+            return
+        TABLE.write_text(text)
+        print(f"wrote {TABLE.relative_to(REPO)}")
+        return
+
+    name = Path(args.config).name
+    checkpoint = Path(args.checkpoint)
+    checkpoint = str(checkpoint.resolve().relative_to(REPO)) if checkpoint.resolve().is_relative_to(REPO) else str(checkpoint)
+    overrides = {"normalization": args.normalization, "eval_inner_steps": args.eval_inner_steps, "queries": args.queries}
+    mean, ci, metric, first = evaluate(name, str(REPO / checkpoint), args.root, overrides)
+    result = {
+        f"first_{CHECK_EPISODES}": round(first, 6),
+        "checkpoint": checkpoint,
+        "metric": metric,
+        "value": round(mean, 6),
+        "ci": round(ci, 6),
+        "steps": args.steps,
+        "device": args.device,
+        "hours": args.hours,
+        "selection": args.selection,
+        **{k: v for k, v in overrides.items() if v is not None},
+    }
+    if args.note:
+        result["note"] = args.note
+    print(f"{name}: {_number(mean, ci, metric)} ({protocol_text(read_config(name), result)})")
+    if not args.no_record:
+        record(name, result)
+
+
+if __name__ == "__main__":
+    main()

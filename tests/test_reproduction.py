@@ -1,0 +1,63 @@
+"""The reproduction table: generated from the records, and every released checkpoint still reaches its number."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import REPO, cpu_trainer
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import reproduce  # noqa: E402
+
+RECORDS = reproduce.load_records()
+RELEASED = [
+    (name, result)
+    for name, entry in sorted(RECORDS.items())
+    for result in entry.get("results") or []
+    if (REPO / result["checkpoint"]).is_file()
+]
+
+
+def test_docs_reproduce_is_generated_from_the_records():
+    """docs/reproduce.md is exactly what benchmarks/reproduce.py renders from the configs and the records (so the
+    table cannot drift from them), and every config has an entry."""
+    assert {p.name for p in reproduce.CONFIGS.glob("*.yaml")} <= set(RECORDS)
+    assert (REPO / "docs" / "reproduce.md").read_text() == reproduce.render(RECORDS)
+
+
+def test_every_result_names_its_protocol_and_a_committed_checkpoint():
+    for name, entry in RECORDS.items():
+        for key in ("paper", "published", "paper_protocol"):
+            assert entry.get(key), f"{name}: {key} missing"
+        assert entry.get("results") or entry.get("estimate"), f"{name}: neither a result nor what a run would take"
+        for result in entry.get("results") or []:
+            assert (REPO / result["checkpoint"]).is_file(), f"{name}: {result['checkpoint']} is not in the repository"
+            assert result["steps"] == reproduce.schedule_steps(reproduce.read_config(name)), f"{name}: not the full schedule"
+
+
+@pytest.mark.parametrize("name,result", RELEASED, ids=[f"{n}:{r['checkpoint'].rsplit('/', 1)[-1]}" for n, r in RELEASED])
+def test_released_checkpoint_reproduces_its_number(name, result, shared_data):
+    """The first 200 of the config's fixed test episodes give the recorded value again (to a query or two out of a
+    thousand: kernels may round differently on another CPU), well inside the table's confidence interval."""
+    overrides = {k: result.get(k) for k in (*reproduce.MODEL_OVERRIDES, *reproduce.DATA_OVERRIDES)}
+    config = reproduce.read_config(name)
+    root = str(shared_data / "omniglot") if "Omniglot" in config["data"]["class_path"] else None
+    mean, _, metric, first = reproduce.evaluate(name, str(REPO / result["checkpoint"]), root, overrides, episodes=200)
+    assert metric == result["metric"]
+    assert abs(first - result["first_200"]) <= min(0.002, result["ci"] / 2), (first, result["first_200"])
+
+
+def test_trainer_test_gives_the_same_number(shared_data):
+    """``trainer.test`` (what ``python -m lit_meta test`` runs) and the table's evaluation agree on a released
+    checkpoint, and adaptation does the work: before it the MAML head is at chance."""
+    from datamodules import OmniglotDataModule
+    from lit_meta import load_model
+
+    name, result = next((n, r) for n, r in RELEASED if n == "omniglot_maml_5w1s.yaml")
+    model = load_model(REPO / result["checkpoint"])
+    data = dict(reproduce.read_config(name)["data"]["init_args"], root=shared_data / "omniglot", test_episodes=200)
+    outcome = cpu_trainer().test(model, OmniglotDataModule(**data), verbose=False)[0]
+    assert outcome["test/acc"] == pytest.approx(result["first_200"], abs=1e-6)
+    assert outcome["test/acc_pre"] < 0.3  # chance is 0.2
