@@ -85,3 +85,57 @@ def test_load_from_checkpoint_rebuilds_backbone(tmp_path):
     for a, b in zip(model.parameters(), loaded.parameters()):
         assert torch.equal(a, b)
     assert loaded.inner_lr == model.inner_lr
+
+
+class RecordRates(Callback):
+    def __init__(self):
+        self.rates = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rates.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+SCHEDULES = {
+    # Halve every epoch (the ProtoNet configs), or every second step.
+    "epoch": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+    "step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+}
+
+
+@pytest.mark.parametrize("interval", list(SCHEDULES))
+@pytest.mark.parametrize(
+    "where", ["mid-epoch", "train-epoch-end", "after-validation"]
+)
+def test_resume_with_a_scheduler_is_exact(tmp_path, interval, where):
+    """With an epoch- or step-interval scheduler, a run resumed from a checkpoint written mid-epoch, at a train
+    epoch's end or after validation follows the uninterrupted run's learning rates and weights exactly."""
+    validate = where == "after-validation"
+
+    def run(name, callbacks, ckpt_path=None):
+        record = RecordRates()
+        _, dm, trainer = sinusoid_maml_run(tmp_path / name, 9, [record, *callbacks], validate, by_epochs=True)
+        import lightning.pytorch as pl
+
+        from lit_meta import SinusoidMLP
+
+        pl.seed_everything(0)
+        model = MAML(
+            SinusoidMLP(hidden=(16, 16)), inner_lr=0.01, inner_steps=1,
+            lr_scheduler=SCHEDULES[interval], scheduler_interval=interval,
+        )
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return model, record.rates
+
+    full, rates_full = run("full", [])
+    assert len({lr for _, lr in rates_full}) > 2  # the schedule really moves the rate
+    if where == "mid-epoch":
+        ckpt, pattern = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1), "*step=4.ckpt"
+    else:
+        ckpt, pattern = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1), "*step=3.ckpt"
+    run("first", [ckpt])
+    path = next((tmp_path / "ckpt").glob(pattern))
+    resumed, rates_resumed = run("resumed", [], ckpt_path=path)
+    assert rates_resumed == rates_full[len(rates_full) - len(rates_resumed):]
+    assert len(rates_resumed) == 9 - int(pattern.split("=")[1].split(".")[0])
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
