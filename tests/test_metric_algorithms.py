@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # These models are tiny: on a shared 2-core machine, intra-op threads cost far more than they save (30x here).
+    # These models are tiny: on a 2-core machine, intra-op threads cost far more than they save (30x here).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
