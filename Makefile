@@ -1,6 +1,8 @@
 # Two commands on a fresh machine with only Python:
 #   make run    set up .venv and meta-train on the Omniglot data shipped in the repo, then test on Lake's 20 runs
-#   make test   set up .venv (with learn2learn as a test oracle) and run the test suite and the notebooks
+#   make test   set up .venv (with learn2learn as a test oracle) and run the test suite and the notebooks; tests
+#               that need the full Omniglot read it from $LIT_META_DATA or data/ and are skipped without it
+#               (LIT_META_REQUIRE_DATA=1 fails them instead, as .ci/run does)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -44,6 +44,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 from common import REPO, quiet_trainer  # noqa: E402  (first: it puts the checkout on sys.path)
+from data_paths import OMNIGLOT  # noqa: E402
 from datamodules import OmniglotDataModule  # noqa: E402
 from lit_meta.algorithms import ANIL, MAML, MatchingNet, MetaBGD, MetaSGD, ProtoNet  # noqa: E402
 from lit_meta.backbones import Conv4  # noqa: E402
@@ -151,7 +152,7 @@ def main() -> None:
     parser.add_argument("--inner-lr", type=float, default=None, help="MAML 5-way: 0.4, 20-way: 0.1; metabgd: 0.5")
     parser.add_argument("--first-order", action="store_true", help="maml family and metabgd")
     parser.add_argument("--split", choices=["vinyals", "lake"], default="vinyals")
-    parser.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "omniglot")
+    parser.add_argument("--root", type=Path, default=OMNIGLOT, help=f"the full Omniglot (default: {OMNIGLOT})")
     parser.add_argument("--no-lake-runs", action="store_true", help="skip Lake's 20 one-shot runs")
     parser.add_argument("--eval-batch", type=int, default=50, help="test episodes per batch")
     parser.add_argument("--eval-chunk", type=int, default=None, help="vmap chunk of evaluation tasks (memory)")

@@ -28,13 +28,12 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
-from common import REPO, quiet_trainer  # noqa: E402  (first: it puts the checkout on sys.path)
+from common import quiet_trainer  # noqa: E402  (first: it puts the checkout on sys.path)
+from data_paths import OMNIGLOT as DEFAULT_ROOT  # noqa: E402
 from datamodules.base import EpisodicDataModule  # noqa: E402
 from lit_meta import MAML, Conv4, SinusoidMLP  # noqa: E402
 from lit_meta.algorithms.base import MetaLearner  # noqa: E402
 from lit_meta.callbacks import Throughput  # noqa: E402
-
-DEFAULT_ROOT = REPO.parent / "shared" / "data" / "omniglot"
 
 
 def load_class(path: str) -> type:

@@ -1,6 +1,7 @@
 """Speed of the episodic data path: tasks/second of the Omniglot training loader, against learn2learn.
 
-Measures, on the full Omniglot (``../shared/data/omniglot`` by default), in one process and one thread:
+Measures, on the full Omniglot (``$LIT_META_DATA/omniglot`` or ``data/omniglot`` by default), in one process and one
+thread:
 
 * cold start: decode + resize all 32,460 images, write the cache, build the Vinyals split with rotations;
 * warm start: the same from the cache;
@@ -29,8 +30,8 @@ from typing import Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "omniglot"
+from data_paths import OMNIGLOT as DEFAULT_DATA
+
 #: (ways, shots, queries per class): MAML's Omniglot episodes (queries = shots) and the usual 15-query evaluation ones.
 SHAPES = ((5, 1, 1), (5, 1, 15), (20, 5, 5), (20, 5, 15))
 

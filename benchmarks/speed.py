@@ -31,7 +31,7 @@ per class), where the query forward/backward dominates and the work per task is 
 **How it is timed.** All methods live in one process. After one warm-up step each, ``--repeats`` rounds run
 ``--steps`` steps of every method, the order rotating every round, so drifting machine load hits all methods alike.
 Reported: the median wall-clock seconds per step, the median process CPU seconds per step (all threads; less
-sensitive to other processes on a shared machine), and ``l2l/ours``: learn2learn's median of the same order
+sensitive to other processes on a busy machine), and ``l2l/ours``: learn2learn's median of the same order
 (second or first) divided by the row's. On a machine shared with other jobs use ``--threads 1`` and compare the CPU
 columns: with more threads than free cores, OpenMP threads spin-wait for each other and steps of every method
 become several times slower at random (measured here: 1 s or 3 s for the same step).
@@ -68,6 +68,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from data_paths import OMNIGLOT  # noqa: E402
 from datamodules.task_batch import TaskBatch  # noqa: E402
 from lit_meta import MAML, Conv4  # noqa: E402
 from lit_meta.allocator import tune_cpu_allocator  # noqa: E402
@@ -361,7 +362,7 @@ def time_interleaved(
     """Wall-clock and process-CPU seconds of every step of every method, ``{name: (walls, cpus)}``.
 
     ``repeats`` rounds run ``per_round`` steps of each method, the order rotating every round, so that drifting load
-    on a shared machine hits all methods alike. The steps must have been warmed up.
+    on a busy machine hits all methods alike. The steps must have been warmed up.
     """
     names = list(steps)
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in names}
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         "--end-to-end", action="store_true",
         help="each step first samples its meta-batch with the library's own data pipeline from the real Omniglot",
     )
-    parser.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "omniglot", help="for --end-to-end")
+    parser.add_argument("--root", type=Path, default=OMNIGLOT, help=f"for --end-to-end (default: {OMNIGLOT})")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
     parser.add_argument(
         "--malloc", choices=["tuned", "system"], default="tuned",

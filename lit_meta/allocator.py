@@ -7,9 +7,9 @@ every step (a vmapped meta-batch holds tens to hundreds of MB of them), so each 
 again, page by page, as zeroed memory from the kernel. Raising both thresholds keeps freed blocks for reuse, as the
 CUDA caching allocator does on a GPU; the price is that the process keeps its peak heap size until it exits.
 
-``benchmarks/speed.py --malloc system`` measures without it. On the development machine's 2-core CPU a vmapped MAML
-step went from 0.230 to 0.212 s (Omniglot 5-way 1-shot, meta-batch 32) and from 2.27 to 1.53 s (20-way 1-shot, five
-inner steps, meta-batch 16); docs/speed.md has the measurement.
+``benchmarks/speed.py --malloc system`` measures without it. On a 2-core x86-64 CPU a vmapped MAML step went from
+0.230 to 0.212 s (Omniglot 5-way 1-shot, meta-batch 32) and from 2.27 to 1.53 s (20-way 1-shot, five inner steps,
+meta-batch 16); docs/speed.md has the measurement (its CPU A).
 """
 
 from __future__ import annotations

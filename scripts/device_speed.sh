@@ -4,13 +4,13 @@
 #   scripts/device_speed.sh prepare   # here, with the package index reachable: fills .device/ (git-ignored)
 #   scripts/device_speed.sh run       # on the GPU machine, from the repository root, .device/ carried along
 #
-# Why: the speed target on a GPU (>= 10x learn2learn) can only be measured where a GPU is lent, for a few minutes,
-# on a machine that reaches no package index and does not see ../shared. `prepare` gathers what that machine lacks:
-# learn2learn's sdist and the build/runtime pieces scripts/install_learn2learn.sh fetches (gym, gym_notices, Cython
-# for CPython 3.12, the GPU image's Python), and the two Omniglot archives of the Vinyals split for the end-to-end
-# run (18 MB in all). `run` installs learn2learn offline through the same install script (pip reads .device/wheels
-# only: PIP_NO_INDEX / PIP_FIND_LINKS), then runs the compute-only and the end-to-end comparisons on the GPU and
-# writes their output to $OUT (or .device/out).
+# For a GPU machine that reaches no package index and has no copy of the data, used for a few minutes at a time.
+# `prepare` gathers what that machine lacks: learn2learn's sdist and the build/runtime pieces
+# scripts/install_learn2learn.sh fetches (gym, gym_notices, Cython for CPython 3.12, the GPU image's Python), and the
+# two Omniglot archives of the Vinyals split for the end-to-end run (18 MB in all; from $OMNIGLOT, by default
+# $LIT_META_DATA/omniglot or data/omniglot). `run` installs learn2learn offline through the same install script (pip
+# reads .device/wheels only: PIP_NO_INDEX / PIP_FIND_LINKS), then runs the compute-only and the end-to-end comparisons
+# on the GPU and writes their output to $OUT (or .device/out).
 #
 # The target Python needs torch, torchvision, lightning, torchmetrics, pillow, scipy, requests, tqdm and setuptools (the
 # GPU image has them all). Rehearsed on CPU in a fresh venv holding just those: learn2learn built offline from
@@ -21,18 +21,18 @@
 # each precision, PRECISION_STEPS steps). Every step has a time limit inside DEVICE_BUDGET_S, most important first.
 #
 # Knobs: PYTHON (default python3), DEVICE (default cuda; `DEVICE=cpu scripts/device_speed.sh run --quick` rehearses
-# the whole path on a CPU machine), DEVICE_BUDGET_S, PRECISIONS, PRECISION_STEPS; extra arguments of `run` go to
-# both speed.py runs (e.g. --quick).
+# the whole path on a CPU machine), DEVICE_BUDGET_S, PRECISIONS, PRECISION_STEPS, OMNIGLOT; extra arguments of `run`
+# go to both speed.py runs (e.g. --quick).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAGE="$HERE/.device"
 PYTHON="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"
-DEVICE_BUDGET_S="${DEVICE_BUDGET_S:-520}"       # wall seconds `run` may take in all (the device call's limit, less margin)
+DEVICE_BUDGET_S="${DEVICE_BUDGET_S:-520}"       # wall seconds `run` may take in all (the machine's limit, less margin)
 PRECISIONS="${PRECISIONS:-32-true bf16-mixed 16-mixed}"
 PRECISION_STEPS="${PRECISION_STEPS:-1500}"
-SHARED_OMNIGLOT="${SHARED_OMNIGLOT:-$HERE/../shared/data/omniglot}"
+OMNIGLOT="${OMNIGLOT:-${LIT_META_DATA:-$HERE/data}/omniglot}"
 
 die() { printf 'device_speed: %s\n' "$*" >&2; exit 1; }
 
@@ -51,8 +51,8 @@ prepare() {
     # And Cython's pure-Python wheel, for a rehearsal on any other interpreter (slower, same C files).
     "${pip[@]}" --only-binary=:all: --implementation py --platform any "cython>=3.0.10,<4"
     for archive in images_background.zip images_evaluation.zip; do
-        [[ -f "$SHARED_OMNIGLOT/$archive" ]] || die "missing $SHARED_OMNIGLOT/$archive (set SHARED_OMNIGLOT)"
-        cp "$SHARED_OMNIGLOT/$archive" "$STAGE/omniglot/"
+        [[ -f "$OMNIGLOT/$archive" ]] || die "missing $OMNIGLOT/$archive (set OMNIGLOT to the folder holding it)"
+        cp "$OMNIGLOT/$archive" "$STAGE/omniglot/"
     done
     du -sh "$STAGE"
     echo "prepared: carry .device in the device call, and run: scripts/device_speed.sh run"

@@ -1,4 +1,4 @@
-"""Shared test settings: W&B off, few threads, the real data beside the checkout."""
+"""Shared test settings: W&B off, few threads, where the real data is."""
 
 import os
 from pathlib import Path
@@ -14,18 +14,56 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
+
+
+REQUIRE_DATA = _flag("LIT_META_REQUIRE_DATA")
+#: dataset folder -> (its name, what must be in it as a zip or a folder, the command that gets it from the repo root)
+REAL_DATA = {
+    "omniglot": (
+        "Omniglot",
+        ("images_background", "images_evaluation"),
+        "python -m lit_meta download omniglot --root data/omniglot",
+    ),
+}
+
+
+def data_roots() -> list[Path]:
+    """Where the tests look for real data: ``$LIT_META_DATA`` alone when it is set, else ``<repo>/data``, then
+    ``shared/data`` beside the checkout (several checkouts reading one copy)."""
+    if os.environ.get("LIT_META_DATA"):
+        return [Path(os.environ["LIT_META_DATA"]).expanduser()]
+    return [REPO / "data", REPO.parent / "shared" / "data"]
+
+
+def real_data(dataset: str) -> Path:
+    """The folder of ``dataset`` (a key of :data:`REAL_DATA`) under the first data root that has all of it.
+
+    Where none has it the test is skipped, with the command that gets the data; ``LIT_META_REQUIRE_DATA=1`` (CI,
+    which always has the data) fails it instead, so a misplaced data folder cannot pass as skipped.
+    """
+    name, needed, command = REAL_DATA[dataset]
+    for root in data_roots():
+        folder = root / dataset
+        if all((folder / part).is_dir() or (folder / f"{part}.zip").is_file() for part in needed):
+            return folder
+    looked = " or ".join(str(root / dataset) for root in data_roots())
+    msg = f"needs the full {name}, not in {looked}: run `{command}` in {REPO} (or set LIT_META_DATA=<folder of {dataset}/>)"
+    if REQUIRE_DATA:
+        pytest.fail(msg + " (LIT_META_REQUIRE_DATA=1)", pytrace=False)
+    pytest.skip(msg)
 
 
 @pytest.fixture
-def shared_data() -> Path:
-    """``../shared/data`` (real Omniglot and splits); CI has it at the same relative path."""
-    if not SHARED_DATA.exists():
-        pytest.fail(f"{SHARED_DATA} is missing: the tests read the real data from ../shared/data")
-    return SHARED_DATA
+def omniglot_root() -> Path:
+    """The full Omniglot (official zips or folders): see :func:`real_data`."""
+    return real_data("omniglot")
 
 
-REQUIRE_L2L = os.environ.get("LIT_META_REQUIRE_L2L", "").strip().lower() in {"1", "true", "yes"}
+REQUIRE_L2L = _flag("LIT_META_REQUIRE_L2L")
 
 
 def import_learn2learn():

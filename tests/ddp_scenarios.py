@@ -111,7 +111,7 @@ def _algorithm(name: str) -> Callable[..., MetaLearner] | None:
         return None
 
 
-# name -> (factory of the model, factory of the datamodule). Small enough for 2 shared CPU cores; second order
+# name -> (factory of the model, factory of the datamodule). Small enough for 2 busy CPU cores; second order
 # wherever the algorithm has it. Adam outer optimizer, so that parameter equality across ranks also covers optimizer
 # state.
 ALGORITHMS: dict[str, tuple[Callable[[], MetaLearner], Callable[..., EpisodicDataModule]]] = {
@@ -382,7 +382,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--only", default=None, help="comma-separated scenario keys to run (default: all)")
     args = parser.parse_args()
-    # Two ranks on a shared 2-core machine: intra-op threads would only fight each other.
+    # Two ranks on a 2-core machine: intra-op threads would only fight each other.
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -2,7 +2,8 @@
 
 Every backbone is checked three ways on the same tasks (float64, tiny shapes): MAML's ``meta_loss`` vectorized
 (``torch.func.vmap``), MAML's per-task loop, and an independent reference written here with
-``torch.autograd.grad(create_graph=True)``. Native BatchNorm fails the first comparison (DESIGN.md); these must not.
+``torch.autograd.grad(create_graph=True)``. Native BatchNorm fails the first comparison (under vmap its
+second-order meta-gradient is silently wrong); these must not.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lit_meta import MAML, BatchStatNorm, Conv4, ResNet12, SinusoidMLP
 # ------------------------------------------------------------------------------------------------------ helpers
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    # Tiny tensors on a shared 2-core machine: intra-op threads only contend (measured ~20x slower with 2 threads).
+    # Tiny tensors on a 2-core machine: intra-op threads only contend (measured ~20x slower with 2 threads).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

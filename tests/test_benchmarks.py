@@ -90,11 +90,11 @@ def test_quick_run_prints_every_method(capsys: pytest.CaptureFixture[str]) -> No
             assert float(fields[len(method.name.split()) + 1]) > 0  # s/step
 
 
-def test_end_to_end_steps_sample_fresh_episodes_from_each_library(shared_data: Path) -> None:
+def test_end_to_end_steps_sample_fresh_episodes_from_each_library(omniglot_root: Path) -> None:
     import_learn2learn()
     setting = speed.Setting("e2e", ways=5, shots=1, queries=2, tasks=3, inner_steps=1, inner_lr=0.4)
     with TemporaryDirectory() as cache:
-        sources = speed.end_to_end_sources(setting, shared_data / "omniglot", Path(cache), torch.device("cpu"))
+        sources = speed.end_to_end_sources(setting, omniglot_root, Path(cache), torch.device("cpu"))
         for library, source in sources.items():
             first, second = source(), source()
             assert first.support_x.shape == (3, 5, 1, 28, 28) and first.query_x.shape == (3, 10, 1, 28, 28), library

@@ -23,7 +23,7 @@ from datamodules.sampler import episode_generator
 
 @pytest.fixture(scope="module", autouse=True)
 def _cache(tmp_path_factory):
-    """Decoded stores go to a temp folder of this module, never beside the (read-only in CI) shared data."""
+    """Decoded stores go to a temp folder of this module, never beside the real data (which may be read-only)."""
     old = os.environ.get("LIT_META_CACHE")
     os.environ["LIT_META_CACHE"] = str(tmp_path_factory.mktemp("lit_meta_cache"))
     yield
@@ -35,15 +35,15 @@ def _cache(tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def vinyals_datamodule(root: Path) -> OmniglotDataModule:
-    """The full Vinyals-split Omniglot, decoded once per test session."""
+    """The full Vinyals-split Omniglot, decoded once per pytest run."""
     dm = OmniglotDataModule(root)
     dm.setup()
     return dm
 
 
 @pytest.fixture
-def vinyals(shared_data) -> OmniglotDataModule:
-    return vinyals_datamodule(shared_data / "omniglot")
+def vinyals(omniglot_root) -> OmniglotDataModule:
+    return vinyals_datamodule(omniglot_root)
 
 
 def first_batch(loader) -> TaskBatch:
@@ -59,14 +59,14 @@ def test_vinyals_split_counts(vinyals):
         assert store.image_shape == (1, 28, 28)
 
 
-def test_vinyals_without_rotations(shared_data):
-    dm = OmniglotDataModule(shared_data / "omniglot", rotations=False)
+def test_vinyals_without_rotations(omniglot_root):
+    dm = OmniglotDataModule(omniglot_root, rotations=False)
     assert [dm.num_classes(s) for s in ("train", "val", "test")] == [1028, 172, 423]
     assert sum(len(dm.store(s).images) for s in ("train", "val", "test")) == 1623 * 20
 
 
-def test_lake_split_counts(shared_data):
-    dm = OmniglotDataModule(shared_data / "omniglot", split="lake")
+def test_lake_split_counts(omniglot_root):
+    dm = OmniglotDataModule(omniglot_root, split="lake")
     val_alphabets = dm.validation_alphabets()
     assert len(val_alphabets) == 5
     train, val, test = (dm.store(s) for s in ("train", "val", "test"))
@@ -90,34 +90,39 @@ def test_images_are_inverted_strokes_bright(vinyals):
     assert images.max() == 255
 
 
-def run_image(shared_data: Path, member: str) -> torch.Tensor:
-    with zipfile.ZipFile(shared_data / "omniglot" / "all_runs.zip") as archive:
+def runs_archive(root: Path) -> Path:
+    """Lake's runs as the datamodule reads them: from ``root`` when they are there, else the copy in the package."""
+    return root / "all_runs.zip" if (root / "all_runs.zip").is_file() else omniglot.SHIPPED / "all_runs.zip"
+
+
+def run_image(root: Path, member: str) -> torch.Tensor:
+    with zipfile.ZipFile(runs_archive(root)) as archive:
         image = Image.open(io.BytesIO(archive.read(member))).convert("L")
     return 255 - torch.from_numpy(np.asarray(image).copy())
 
 
-def test_lake_runs_match_class_labels(shared_data):
-    dm = OmniglotDataModule(shared_data / "omniglot", split="lake", test_set="lake_runs", image_size=105, ways=20, shots=1, queries=5, eval_meta_batch_size=8)
+def test_lake_runs_match_class_labels(omniglot_root):
+    dm = OmniglotDataModule(omniglot_root, split="lake", test_set="lake_runs", image_size=105, ways=20, shots=1, queries=5, eval_meta_batch_size=8)
     loader = dm.test_dataloader()
     batch = TaskBatch.cat(list(loader))
     assert batch.num_tasks == 20 and len(loader) == 3
     assert batch.support_x.shape == (20, 20, 1, 105, 105) and batch.query_x.shape == (20, 20, 1, 105, 105)
     assert torch.equal(batch.support_y, torch.arange(20).expand(20, -1))
     assert torch.equal(batch.query_y, torch.arange(20).expand(20, -1))
-    with zipfile.ZipFile(shared_data / "omniglot" / "all_runs.zip") as archive:
+    with zipfile.ZipFile(runs_archive(omniglot_root)) as archive:
         labels = {run: archive.read(f"run{run:02d}/class_labels.txt").decode().split() for run in (1, 7, 20)}
     for run, words in labels.items():
         for test_item, training in zip(words[::2], words[1::2]):
             label = int(training[-6:-4]) - 1  # run01/training/class08.png -> 7
-            assert torch.equal(batch.support_x[run - 1, label, 0], run_image(shared_data, training))
-            assert torch.equal(batch.query_x[run - 1, label, 0], run_image(shared_data, test_item))
+            assert torch.equal(batch.support_x[run - 1, label, 0], run_image(omniglot_root, training))
+            assert torch.equal(batch.query_x[run - 1, label, 0], run_image(omniglot_root, test_item))
     again = TaskBatch.cat(list(dm.test_dataloader()))
     assert torch.equal(again.query_x, batch.query_x), "the runs are fixed"
 
 
-def test_vinyals_with_lake_runs_warns_about_overlap(shared_data):
-    with pytest.warns(UserWarning, match="Lake's runs"):
-        OmniglotDataModule(shared_data / "omniglot", test_set="lake_runs")
+def test_vinyals_with_lake_runs_warns_about_overlap(tmp_path):
+    with pytest.warns(UserWarning, match="Lake's runs"):  # at construction: no data needed
+        OmniglotDataModule(tmp_path, test_set="lake_runs")
 
 
 # ------------------------------------------------------------------------------------------- shipped default

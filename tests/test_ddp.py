@@ -1,7 +1,7 @@
 """DDP on CPU (gloo, 2 processes through Lightning's own launcher): exact meta-gradients, identical ranks, per-rank
 task streams, exact resume, non-finite steps skipped on every rank, evaluation over every episode exactly once.
 
-The distributed runs happen once per session in ``tests/ddp_scenarios.py`` (``strategy="ddp"``, ``devices=2``); these
+The distributed runs happen once per pytest run in ``tests/ddp_scenarios.py`` (``strategy="ddp"``, ``devices=2``); these
 tests read what each rank recorded and compare it with single-process references computed here.
 """
 

@@ -19,7 +19,7 @@ FEATURES, HIDDEN, DIM, WAYS = 12, 16, 8, 4
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # Tiny models: on a shared 2-core machine intra-op threads cost far more than they save.
+    # Tiny models: on a 2-core machine intra-op threads cost far more than they save.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

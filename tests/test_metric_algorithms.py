@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # These models are tiny: on a shared 2-core machine, intra-op threads cost far more than they save (30x here).
+    # These models are tiny: on a 2-core machine, intra-op threads cost far more than they save (30x here).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -320,10 +320,10 @@ def test_matchingnet_fce_short_training_learns_above_chance() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ real data
-def test_protonet_learns_on_real_omniglot_and_runs_on_lake_runs(shared_data) -> None:
+def test_protonet_learns_on_real_omniglot_and_runs_on_lake_runs(omniglot_root) -> None:
     from datamodules import OmniglotDataModule
 
-    root = shared_data / "omniglot"
+    root = omniglot_root
     data = OmniglotDataModule(root=root, ways=5, shots=1, queries=5, train_ways=10, train_queries=5, meta_batch_size=1, train_batches=40, val_episodes=10, test_episodes=100, eval_meta_batch_size=50)
     torch.manual_seed(0)
     model = ProtoNet(Conv4(hidden=16, out_features=None), vectorize=False, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))

@@ -37,7 +37,7 @@ WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 3
 # ------------------------------------------------------------------------------------------------ fixtures/data
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    # Tiny tensors on a shared 2-core machine: intra-op threads only contend (measured ~20x slower with 2 threads).
+    # Tiny tensors on a 2-core machine: intra-op threads only contend (measured ~20x slower with 2 threads).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

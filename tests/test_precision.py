@@ -45,7 +45,7 @@ scenarios = _load_scenarios()  # the tiny models and datamodules of every algori
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads cost more than they save.
+    # Tiny models on a 2-core machine: intra-op threads cost more than they save.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -201,7 +201,7 @@ def test_trainer_predict_from_python_without_checkpoint(trained, tmp_path):
 
 @pytest.mark.parametrize("stage", ["fit", "test"])
 def test_tasks_with_more_ways_than_the_head_has_outputs_fail_in_one_line(stage):
-    # A 3-way head on 5-way tasks used to die in cross_entropy with "index 3 is out of bounds" after training.
+    # Unchecked, a 3-way head on 5-way tasks dies in cross_entropy ("index 3 is out of bounds"), after training.
     model = lit_meta.MAML(lit_meta.Conv4(hidden=8, out_features=3, pool="stride", embedding="mean"), inner_lr=0.4)
     if stage == "fit":
         dm = PatternDataModule(ways=3, train_ways=5, shots=1, queries=1, meta_batch_size=2, train_batches=2)

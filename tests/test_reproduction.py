@@ -38,18 +38,18 @@ def test_every_result_names_its_protocol_and_a_committed_checkpoint():
 
 
 @pytest.mark.parametrize("name,result", RELEASED, ids=[f"{n}:{r['checkpoint'].rsplit('/', 1)[-1]}" for n, r in RELEASED])
-def test_released_checkpoint_reproduces_its_number(name, result, shared_data):
+def test_released_checkpoint_reproduces_its_number(name, result, omniglot_root):
     """The first 200 of the config's fixed test episodes give the recorded value again (to a query or two out of a
     thousand: kernels may round differently on another CPU), well inside the table's confidence interval."""
     overrides = {k: result.get(k) for k in (*reproduce.MODEL_OVERRIDES, *reproduce.DATA_OVERRIDES)}
     config = reproduce.read_config(name)
-    root = str(shared_data / "omniglot") if "Omniglot" in config["data"]["class_path"] else None
+    root = str(omniglot_root) if "Omniglot" in config["data"]["class_path"] else None
     mean, _, metric, first = reproduce.evaluate(name, str(REPO / result["checkpoint"]), root, overrides, episodes=200)
     assert metric == result["metric"]
     assert abs(first - result["first_200"]) <= min(0.002, result["ci"] / 2), (first, result["first_200"])
 
 
-def test_trainer_test_gives_the_same_number(shared_data):
+def test_trainer_test_gives_the_same_number(omniglot_root):
     """``trainer.test`` (what ``python -m lit_meta test`` runs) and the table's evaluation agree on a released
     checkpoint, and adaptation does the work: before it the MAML head is at chance."""
     from datamodules import OmniglotDataModule
@@ -57,7 +57,7 @@ def test_trainer_test_gives_the_same_number(shared_data):
 
     name, result = next((n, r) for n, r in RELEASED if n == "omniglot_maml_5w1s.yaml")
     model = load_model(REPO / result["checkpoint"])
-    data = dict(reproduce.read_config(name)["data"]["init_args"], root=shared_data / "omniglot", test_episodes=200)
+    data = dict(reproduce.read_config(name)["data"]["init_args"], root=omniglot_root, test_episodes=200)
     outcome = cpu_trainer().test(model, OmniglotDataModule(**data), verbose=False)[0]
     assert outcome["test/acc"] == pytest.approx(result["first_200"], abs=1e-6)
     assert outcome["test/acc_pre"] < 0.3  # chance is 0.2
