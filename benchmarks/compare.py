@@ -1,0 +1,70 @@
+"""Paired comparison of two models on the same fixed test episodes: each mean ± 95% CI and the difference A - B
+± its paired 95% CI (Student's t over the per-episode differences).
+
+    python benchmarks/compare.py configs/omniglot_protonet_5w1s.yaml A.ckpt B.ckpt --root data/omniglot
+    python benchmarks/compare.py configs/omniglot_protonet_5w1s.yaml M.ckpt M.ckpt --root data/omniglot \\
+        --a normalization=running --b normalization=transductive      # one model under two protocols
+
+The episodes, protocol and per-episode values are those of ``python -m lit_meta test --config CONFIG``; ``--a`` /
+``--b`` override a model's hyper-parameters (``normalization``, ``eval_inner_steps``) for that side only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import yaml  # noqa: E402
+
+from common import REPO  # noqa: E402,F401  (first: it puts the checkout on sys.path)
+from lit_meta import load_model  # noqa: E402
+from lit_meta.evaluation import episode_values  # noqa: E402
+from lit_meta.metrics import mean_confidence_interval, paired_difference  # noqa: E402
+from reproduce import build_datamodule, read_config  # noqa: E402
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """``["normalization=running", "eval_inner_steps=10"]`` as keyword arguments (values read as YAML)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: override {item!r} is not key=value, e.g. normalization=running")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="the config whose test episodes both models are evaluated on")
+    parser.add_argument("a", help="checkpoint A")
+    parser.add_argument("b", help="checkpoint B")
+    parser.add_argument("--root", default=None, help="the dataset folder (the config's data.init_args.root)")
+    parser.add_argument("--a", dest="a_overrides", nargs="*", default=[], help="hyper-parameters for A: key=value")
+    parser.add_argument("--b", dest="b_overrides", nargs="*", default=[], help="hyper-parameters for B: key=value")
+    parser.add_argument("--episodes", type=int, default=None, help="only the first N test episodes")
+    args = parser.parse_args()
+
+    config = read_config(os.path.basename(args.config))
+    values = {}
+    for side, path, items in (("A", args.a, args.a_overrides), ("B", args.b, args.b_overrides)):
+        model = load_model(path, map_location="cpu", **parse_overrides(items))
+        values[side] = episode_values(model, build_datamodule(config, args.root), "test", episodes=args.episodes)
+    metrics = [k for k in values["A"] if k in values["B"]]
+    n = len(values["A"][metrics[0]])
+    print(f"{args.config}: {n} test episodes; A = {args.a} {' '.join(args.a_overrides)}; B = {args.b} {' '.join(args.b_overrides)}")
+    print(f"{'metric':>10} | {'A':>18} | {'B':>18} | {'A - B (paired)':>18}")
+    print("-" * 74)
+    for key in metrics:
+        scale = 100.0 if key.startswith("acc") else 1.0
+        a_mean, a_ci = mean_confidence_interval(values["A"][key])
+        b_mean, b_ci = mean_confidence_interval(values["B"][key])
+        d_mean, d_ci = paired_difference(values["A"][key], values["B"][key])
+        cells = [f"{scale * m:8.3f} ± {scale * c:6.3f}" for m, c in ((a_mean, a_ci), (b_mean, b_ci), (d_mean, d_ci))]
+        print(f"{key:>10} | " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
