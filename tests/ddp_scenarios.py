@@ -205,6 +205,7 @@ class Recorder(Callback):
         self.grads: list[dict[str, Tensor | None]] = []
         self.tasks: list[tuple[int, list[str]]] = []  # (global_step, task fingerprints) per training batch
         self.params: list[dict[str, Tensor]] = []  # parameters after each step
+        self.buffers: list[dict[str, Tensor]] = []  # buffers (running normalization statistics) after each step
         self.val_tasks: list[str] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -225,6 +226,7 @@ class Recorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.params.append({k: p.detach().cpu().clone() for k, p in pl_module.named_parameters()})
+        self.buffers.append({k: b.detach().cpu().clone() for k, b in pl_module.named_buffers()})
         if self.allreduce_log is not None:
             self.allreduced.append(self.allreduce_log.take())
 
@@ -238,6 +240,7 @@ class Recorder(Callback):
             "grads": self.grads,
             "tasks": self.tasks,
             "params": self.params,
+            "buffers": self.buffers,
             "val_tasks": self.val_tasks,
             "allreduced": self.allreduced,
         }

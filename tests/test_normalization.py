@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from conftest import cpu_trainer
+from datamodules.base import EpisodicDataModule
 from datamodules.errors import ConfigError
 from datamodules.task_batch import TaskBatch
 from lit_meta import ANIL, MAML, MatchingNet, MetaSGD, ProtoNet, Reptile
@@ -214,3 +216,39 @@ def test_prediction_is_not_transductive_by_default():
     transductive = model.adapt(batch.support_x[0], batch.support_y[0], normalization="transductive")
     assert not torch.allclose(transductive(batch.query_x[0, :1])[0], transductive(batch.query_x[0])[0], atol=1e-4)
     assert model.normalization == "transductive"  # prediction leaves the evaluation protocol alone
+
+
+class Blobs(EpisodicDataModule):
+    """3-way tasks of Gaussian blobs in 12 dimensions (new means every task)."""
+
+    def sample_task(self, split: str, generator: torch.Generator):
+        shape = self.shape(split)
+        n = shape.shots + shape.queries
+        x = 2.0 * torch.randn(shape.ways, 1, 12, generator=generator) + torch.randn(shape.ways, n, 12, generator=generator)
+        y = torch.arange(shape.ways).unsqueeze(1).expand(-1, n)
+        s = shape.shots
+        return x[:, :s].reshape(-1, 12), y[:, :s].reshape(-1), x[:, s:].reshape(-1, 12), y[:, s:].reshape(-1)
+
+
+def test_training_records_one_update_per_step_and_checkpoints_keep_it(tmp_path):
+    """Through the Trainer, with the meta-batch in two chunks: one momentum update per optimizer step; the running
+    statistics travel in the checkpoint, and the running protocol reads them after loading."""
+    from lit_meta import MetaLearner
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 16), BatchStatNorm(16), nn.ReLU(), nn.Linear(16, 8))
+    net.embedding_dim = 8
+    model = ProtoNet(net, normalization="running", chunk_size=2)
+    dm = Blobs(ways=3, shots=2, queries=3, meta_batch_size=4, train_batches=5, val_episodes=4, test_episodes=8, eval_meta_batch_size=4)
+    trainer = cpu_trainer(max_steps=5, limit_val_batches=0)
+    trainer.fit(model, dm)
+    norm = net[1]
+    assert int(norm.num_batches_tracked) == 5
+    assert not torch.equal(norm.running_mean, torch.zeros(16))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = MetaLearner.load_from_checkpoint(path, backbone=copy.deepcopy(net))
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(loaded.backbone[1], key), getattr(norm, key)), key
+    result = cpu_trainer().test(loaded, dm, verbose=False)[0]
+    assert result["test/acc"] > 0.5  # chance is 1/3
