@@ -68,7 +68,9 @@ def protocol_text(config: dict[str, Any], result: dict[str, Any] | None = None) 
         parts = [f"K={data.get('shots', 10)}, {data.get('queries', 10)} query points"]
     else:
         split = f" {data['split']} split" if data.get("split") else ""
-        parts = [f"{dataset}{split}", f"{data.get('ways', 5)}-way {data.get('shots', 1)}-shot {data.get('queries', 15)} queries/class"]
+        queries = data.get("queries", 15)
+        shape = f"{data.get('ways', 5)}-way {data.get('shots', 1)}-shot, {queries} quer{'y' if queries == 1 else 'ies'}/class"
+        parts = [f"{dataset}{split}", shape]
         parts.append(f"{model.get('normalization', 'transductive')} norm")
     if "eval_inner_steps" in model or "inner_steps" in model:
         parts.append(f"{model.get('eval_inner_steps', model.get('inner_steps'))} inner steps")
