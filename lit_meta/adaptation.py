@@ -69,6 +69,7 @@ def adapt(
     context: Params | None = None,
     loss_scale: float = 1.0,
     update: UpdateFn | None = None,
+    checkpoint: bool = False,
 ) -> list[Params]:
     """Take ``steps`` gradient steps on ``loss_fn(model(x), y)`` with respect to ``params``.
 
@@ -89,6 +90,10 @@ def adapt(
         update: replaces the SGD step ``params - step_size * grads``: called as ``update(step, params, grads)``
             with the (detached if ``first_order``, unscaled) gradients, it returns the new parameters; a stateful
             callable carries optimizer state across steps (Reptile's inner Adam). ``step_size`` is then unused.
+        checkpoint: keep no activations of the inner steps for the meta-gradient: each step stores only its inputs
+            (parameters, support set, rates) and is recomputed in the backward pass. The meta-gradient is the same
+            (second order included) and peak memory no longer grows with the activations of every step, for one
+            more forward and inner backward per step. Ignored with ``update`` (first order by construction).
 
     Returns:
         The trajectory ``[params, params_1, ..., params_steps]``; the last entry is the adapted parameters.
@@ -115,7 +120,7 @@ def adapt(
     outer = current_recording()
     recorded: list[nn.Module] = []
 
-    def inner_loss(p: Params) -> Tensor | tuple[Tensor, tuple[Tensor, ...]]:
+    def inner_loss(p: Params, x: Tensor, context: Params) -> Tensor | tuple[Tensor, tuple[Tensor, ...]]:
         with torch.autocast(device, dtype=dtype, enabled=not fp32) if autocast else nullcontext():
             if outer is None:
                 return loss_fn(functional_call(model, {**context, **p}, (x,)), y) * loss_scale
@@ -124,26 +129,108 @@ def adapt(
             recorded[:] = scope.modules
             return loss, tuple(scope.tensors)
 
+    def one_step(step: int, p: Params, x: Tensor, context: Params, lr: StepSize | None) -> tuple[Params, tuple[Tensor, ...]]:
+        if outer is None:
+            grads, statistics = torch.func.grad(inner_loss)(p, x, context), ()
+        else:
+            grads, statistics = torch.func.grad(inner_loss, has_aux=True)(p, x, context)
+        new: Params = {}
+        for name, value in p.items():
+            g = grads[name]
+            if first_order:
+                g = g.detach()
+            if loss_scale != 1.0:
+                g = g / loss_scale
+            new[name] = g if update is not None else value - step_size_for(lr, name) * g
+        return (update(step, p, new) if update is not None else new), statistics
+
     trajectory = [params]
     with torch.autocast(device, enabled=False) if autocast else nullcontext():
         for step in range(steps):
-            if outer is None:
-                grads = torch.func.grad(inner_loss)(params)
-            else:
-                grads, statistics = torch.func.grad(inner_loss, has_aux=True)(params)
-                outer.extend(recorded, statistics)
             lr = None if update is not None else step_size(step) if callable(step_size) else step_size
-            new: Params = {}
-            for name, value in params.items():
-                g = grads[name]
-                if first_order:
-                    g = g.detach()
-                if loss_scale != 1.0:
-                    g = g / loss_scale
-                new[name] = g if update is not None else value - step_size_for(lr, name) * g
-            params = update(step, params, new) if update is not None else new
+            if checkpoint and update is None:
+                params, statistics = _checkpointed_step(one_step, step, params, x, context, lr)
+            else:
+                params, statistics = one_step(step, params, x, context, lr)
+            if outer is not None:
+                outer.extend(recorded, statistics)
             trajectory.append(params)
     return trajectory
+
+
+class _CheckpointedStep(torch.autograd.Function):
+    """One inner step whose graph is not kept: the backward pass recomputes it and takes its vector-Jacobian product.
+
+    ``fn(*tensors)`` returns the new parameters followed by non-differentiable extras (recorded statistics). The vmap
+    rule is generated, so the step runs inside ``torch.func.vmap`` like the rest of the inner loop, and the backward
+    uses ``torch.func.vjp`` (``torch.autograd.grad`` cannot run under vmap).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(fn: Callable[..., tuple[Tensor, ...]], outputs: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return fn(*(t.detach() for t in tensors))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        fn, outputs, *tensors = inputs
+        ctx.fn, ctx.outputs = fn, outputs
+        ctx.save_for_backward(*tensors)
+        ctx.mark_non_differentiable(*output[outputs:])
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        tensors = ctx.saved_tensors
+        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[2:]) if needed]
+
+        def recompute(*chosen: Tensor) -> tuple[Tensor, ...]:
+            full = list(tensors)
+            for i, t in zip(wanted, chosen):
+                full[i] = t
+            return tuple(ctx.fn(*full)[: ctx.outputs])
+
+        _, vjp = torch.func.vjp(recompute, *(tensors[i] for i in wanted))
+        chosen_grads = vjp(tuple(grads[: ctx.outputs]))
+        result: list[Tensor | None] = [None] * len(tensors)
+        for i, g in zip(wanted, chosen_grads):
+            result[i] = g
+        return (None, None, *result)
+
+
+def _checkpointed_step(
+    one_step: Callable[..., tuple[Params, tuple[Tensor, ...]]], step: int, params: Params, x: Tensor, context: Params, lr: StepSize
+) -> tuple[Params, tuple[Tensor, ...]]:
+    """``one_step(step, params, x, context, lr)`` through :class:`_CheckpointedStep`: every tensor it reads is an
+    input of the function (so its gradient flows), and the dictionaries are rebuilt inside."""
+    names, values = list(params), list(params.values())
+    context_names = list(context)
+    if isinstance(lr, Mapping):
+        lr_names = [k for k, v in lr.items() if isinstance(v, Tensor)]
+        lr_fixed = {k: v for k, v in lr.items() if not isinstance(v, Tensor)}
+        lr_tensors = [lr[k] for k in lr_names]
+    else:
+        lr_names, lr_fixed = [], {}
+        lr_tensors = [lr] if isinstance(lr, Tensor) else []
+
+    def fn(*tensors: Tensor) -> tuple[Tensor, ...]:
+        i = 0
+        p = dict(zip(names, tensors[i : i + len(names)]))
+        i += len(names)
+        x_ = tensors[i]
+        i += 1
+        ctx = dict(zip(context_names, tensors[i : i + len(context_names)]))
+        i += len(context_names)
+        rates = tensors[i:]
+        if isinstance(lr, Mapping):
+            step_lr: StepSize = {**lr_fixed, **dict(zip(lr_names, rates))}
+        else:
+            step_lr = rates[0] if rates else lr
+        new, statistics = one_step(step, p, x_, ctx, step_lr)
+        return (*(new[k] for k in names), *statistics)
+
+    outputs = _CheckpointedStep.apply(fn, len(names), *values, x, *context.values(), *lr_tensors)
+    return dict(zip(names, outputs[: len(names)])), tuple(outputs[len(names) :])
 
 
 def map_tasks(

@@ -103,6 +103,7 @@ class ANIL(MAML):
             step_size=self.step_size(training),
             first_order=self.use_first_order(training) or not training,
             loss_scale=self.inner_loss_scale() if training else 1.0,
+            checkpoint=self.checkpoint_inner_loop and training,
         )
 
         def predict(params: Params) -> Tensor:

@@ -90,6 +90,9 @@ class MAML(MetaLearner):
         lslr: MAML++'s learned per-layer per-step inner learning rates.
         first_order_epochs: MAML++'s derivative-order annealing: first-order meta-gradients in the first
             ``first_order_epochs`` epochs (0: never, unless ``first_order``).
+        checkpoint_inner_loop: recompute each inner step in the backward pass instead of storing its activations:
+            the same meta-gradient with memory that does not grow with the activations of every step (see
+            :func:`~lit_meta.adaptation.adapt`'s ``checkpoint``), for about one more inner step's compute per step.
         **kwargs: see :class:`~lit_meta.algorithms.base.MetaLearner` (optimizer, scheduler, vectorize, chunk_size,
             normalization).
     """
@@ -105,6 +108,7 @@ class MAML(MetaLearner):
         msl_epochs: int = 10,
         lslr: bool = False,
         first_order_epochs: int = 0,
+        checkpoint_inner_loop: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(backbone, **kwargs)
@@ -121,6 +125,7 @@ class MAML(MetaLearner):
         self.msl_epochs = msl_epochs
         self.lslr = lslr
         self.first_order_epochs = first_order_epochs
+        self.checkpoint_inner_loop = checkpoint_inner_loop
         if lslr:
             # One rate per parameter tensor and training step. Only training steps get a rate of their own: every
             # one is then used in every training step (DDP needs no unused-parameter search).
@@ -192,6 +197,7 @@ class MAML(MetaLearner):
             first_order=self.use_first_order(training) or not training,
             context=context,
             loss_scale=self.inner_loss_scale() if training else 1.0,
+            checkpoint=self.checkpoint_inner_loop and training,
         )
         return trajectory, context
 
