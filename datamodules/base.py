@@ -13,6 +13,10 @@ from datamodules.sampler import STREAMS, EpisodeLoader, Task
 from datamodules.task_batch import TaskBatch
 
 
+#: The evaluation splits each Lightning stage runs (fit validates).
+EVALUATION_SPLITS = {"fit": ("val",), "validate": ("val",), "test": ("test",), "predict": ()}
+
+
 @dataclass(frozen=True)
 class EpisodeShape:
     """N-way K-shot Q-query (for regression ``ways`` is 1 and ``shots``/``queries`` count points)."""
@@ -141,6 +145,37 @@ class EpisodicDataModule(pl.LightningDataModule):
         if trainer is None:
             return 0, 1
         return trainer.global_rank, trainer.world_size
+
+    def num_episodes(self, split: str) -> int:
+        """The number of fixed episodes of ``val`` or ``test``."""
+        return self.val_episodes if split == "val" else self.test_episodes
+
+    def more_episodes(self, split: str, world_size: int) -> str:
+        """How to give each of ``world_size`` processes an episode of ``split`` (the fix :meth:`setup` names)."""
+        option = "val_episodes" if split == "val" else "test_episodes"
+        return f"raise {option} to at least {world_size} (they are shared out over the processes), or use fewer devices"
+
+    def setup(self, stage: str | None = None) -> None:
+        """Refuse, on every process, a distributed evaluation in which some process would get no episode.
+
+        Fixed evaluation episodes are dealt out round-robin over the processes (see :mod:`datamodules.sampler`):
+        with fewer episodes than processes, a process gets none, computes no metric, and the others wait forever
+        for it in the metric's all-gather.
+
+        Raises:
+            ConfigError: naming the split, the counts and the fix.
+        """
+        _, world_size = self._rank()
+        if world_size <= 1:
+            return
+        for split in EVALUATION_SPLITS.get(stage, ("val", "test")) if stage else ("val", "test"):
+            episodes = self.num_episodes(split)
+            if episodes < world_size:
+                raise ConfigError(
+                    f"{type(self).__name__}: {episodes} {split} episodes for {world_size} processes: "
+                    f"{world_size - episodes} of them would get none and the evaluation would never end; "
+                    f"{self.more_episodes(split, world_size)}"
+                )
 
     def episode_loader(self, split: str) -> EpisodeLoader:
         """The loader of ``split``: a fresh stream per epoch for training, fixed episodes otherwise."""

@@ -133,6 +133,7 @@ class ClassImageDataModule(EpisodicDataModule):
             self.store(split)
 
     def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
         for split in STAGE_SPLITS.get(stage, SPLITS) if stage else SPLITS:
             self.store(split)
 

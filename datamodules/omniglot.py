@@ -266,6 +266,16 @@ class OmniglotDataModule(ClassImageDataModule):
             return EpisodeShape(RUN_WAYS, 1, 1)
         return super().shape(split)
 
+    def num_episodes(self, split: str) -> int:
+        if split == "test" and self.test_set == "lake_runs":
+            return NUM_RUNS
+        return super().num_episodes(split)
+
+    def more_episodes(self, split: str, world_size: int) -> str:
+        if split == "test" and self.test_set == "lake_runs":
+            return f"Lake's runs are a fixed {NUM_RUNS}: test on at most {NUM_RUNS} devices, or use test_set='split' with test_episodes >= {world_size}"
+        return super().more_episodes(split, world_size)
+
     def num_classes(self, split: str) -> int | None:
         if split == "test" and self.test_set == "lake_runs":
             return RUN_WAYS
