@@ -238,9 +238,15 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     # -------------------------------------------------------------------------------------------- device side
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, TaskBatch):
-            return self.prepare_batch(batch)
-        return batch
+        if not isinstance(batch, TaskBatch):
+            return batch
+        prepared = self.prepare_batch(batch)
+        trainer = getattr(self, "trainer", None)
+        if prepared is not batch and trainer is not None:
+            # Lightning converts the inputs to a "-true" precision (16-true, bf16-true, 64-true) before the transfer,
+            # when images are still uint8; the floats made here need the same conversion.
+            prepared = trainer.precision_plugin.convert_input(prepared)
+        return prepared
 
     def prepare_batch(self, batch: TaskBatch) -> TaskBatch:
         """Turn ``uint8`` images into float in ``[0, 1]`` on the batch's device (identity for float inputs)."""
