@@ -13,6 +13,10 @@ from datamodules.sampler import STREAMS, EpisodeLoader, Task
 from datamodules.task_batch import TaskBatch
 
 
+#: The evaluation splits each Lightning stage runs (fit validates).
+EVALUATION_SPLITS = {"fit": ("val",), "validate": ("val",), "test": ("test",), "predict": ()}
+
+
 @dataclass(frozen=True)
 class EpisodeShape:
     """N-way K-shot Q-query (for regression ``ways`` is 1 and ``shots``/``queries`` count points)."""
@@ -142,6 +146,37 @@ class EpisodicDataModule(pl.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def num_episodes(self, split: str) -> int:
+        """The number of fixed episodes of ``val`` or ``test``."""
+        return self.val_episodes if split == "val" else self.test_episodes
+
+    def more_episodes(self, split: str, world_size: int) -> str:
+        """How to give each of ``world_size`` processes an episode of ``split`` (the fix :meth:`setup` names)."""
+        option = "val_episodes" if split == "val" else "test_episodes"
+        return f"raise {option} to at least {world_size} (they are shared out over the processes), or use fewer devices"
+
+    def setup(self, stage: str | None = None) -> None:
+        """Refuse, on every process, a distributed evaluation in which some process would get no episode.
+
+        Fixed evaluation episodes are dealt out round-robin over the processes (see :mod:`datamodules.sampler`):
+        with fewer episodes than processes, a process gets none, computes no metric, and the others wait forever
+        for it in the metric's all-gather.
+
+        Raises:
+            ConfigError: naming the split, the counts and the fix.
+        """
+        _, world_size = self._rank()
+        if world_size <= 1:
+            return
+        for split in EVALUATION_SPLITS.get(stage, ("val", "test")) if stage else ("val", "test"):
+            episodes = self.num_episodes(split)
+            if episodes < world_size:
+                raise ConfigError(
+                    f"{type(self).__name__}: {episodes} {split} episodes for {world_size} processes: "
+                    f"{world_size - episodes} of them would get none and the evaluation would never end; "
+                    f"{self.more_episodes(split, world_size)}"
+                )
+
     def episode_loader(self, split: str) -> EpisodeLoader:
         """The loader of ``split``: a fresh stream per epoch for training, fixed episodes otherwise."""
         self.check_split(split)
@@ -203,9 +238,15 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     # -------------------------------------------------------------------------------------------- device side
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, TaskBatch):
-            return self.prepare_batch(batch)
-        return batch
+        if not isinstance(batch, TaskBatch):
+            return batch
+        prepared = self.prepare_batch(batch)
+        trainer = getattr(self, "trainer", None)
+        if prepared is not batch and trainer is not None:
+            # Lightning converts the inputs to a "-true" precision (16-true, bf16-true, 64-true) before the transfer,
+            # when images are still uint8; the floats made here need the same conversion.
+            prepared = trainer.precision_plugin.convert_input(prepared)
+        return prepared
 
     def prepare_batch(self, batch: TaskBatch) -> TaskBatch:
         """Turn ``uint8`` images into float in ``[0, 1]`` on the batch's device (identity for float inputs)."""

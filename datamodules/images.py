@@ -56,6 +56,11 @@ class ClassImageDataModule(EpisodicDataModule):
         self.image_size = image_size
         self.download = download
         self.cache_dir = cache_dir
+        if device not in (None, "auto"):
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError) as error:  # torch's message lists every device type it knows
+                raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', 'auto' or null, got {device!r}") from error
         self.device = device
         self._stores: dict[str, ClassStore] = {}
         self._placed: dict[str, ClassStore] = {}
@@ -133,6 +138,7 @@ class ClassImageDataModule(EpisodicDataModule):
             self.store(split)
 
     def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
         for split in STAGE_SPLITS.get(stage, SPLITS) if stage else SPLITS:
             self.store(split)
 

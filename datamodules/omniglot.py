@@ -15,7 +15,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -39,6 +39,47 @@ DOWNLOADS = {
     "images_background": (f"{_URL}/images_background.zip", "68d2efa1b9178cc56df9314c21c6e718"),
     "images_evaluation": (f"{_URL}/images_evaluation.zip", "6b91aef0f799c5bb55b94e3f2daec811"),
 }
+
+
+
+def download_omniglot(
+    root: str | os.PathLike, mirror: str | None = None, timeout: float = 60.0, log: Callable[[str], None] | None = None
+) -> list[Path]:
+    """Fetch the official ``images_background.zip`` and ``images_evaluation.zip`` into ``root``.
+
+    An archive already in ``root`` (as the zip or the folder it extracts to) is skipped. Each download is atomic and
+    checked against its md5 (:func:`datamodules.download.download`). Lake's runs and the small background sets need
+    no download: they ship with the package and the datamodule reads them from there.
+
+    Args:
+        root: the folder (created when missing); then ``OmniglotDataModule(root=root)``.
+        mirror: a base URL serving the same file names, instead of the official one.
+        timeout: seconds to wait for the server.
+        log: called with one line per archive (fetched or skipped).
+
+    Returns:
+        The paths of the archives fetched now.
+
+    Raises:
+        DataError: a download failed (nothing is left of it).
+    """
+    root = Path(root).expanduser()
+    fetched = []
+    for name, (url, md5) in DOWNLOADS.items():
+        found = FileTree.find(root, name) if root.is_dir() else None
+        if found is not None:
+            if log is not None:
+                log(f"{name}: already in {root}, skipped")
+            continue
+        if mirror is not None:
+            url = f"{mirror.rstrip('/')}/{name}.zip"
+        if log is not None:
+            log(f"{name}: fetching {url}")
+        fetched.append(fetch(url, root / f"{name}.zip", md5=md5, timeout=timeout))
+        if log is not None:
+            log(f"{name}: saved {fetched[-1]}")
+    return fetched
+
 
 #: The archives of each choice of ``background``.
 BACKGROUNDS = {
@@ -265,6 +306,16 @@ class OmniglotDataModule(ClassImageDataModule):
         if split == "test" and self.test_set == "lake_runs":
             return EpisodeShape(RUN_WAYS, 1, 1)
         return super().shape(split)
+
+    def num_episodes(self, split: str) -> int:
+        if split == "test" and self.test_set == "lake_runs":
+            return NUM_RUNS
+        return super().num_episodes(split)
+
+    def more_episodes(self, split: str, world_size: int) -> str:
+        if split == "test" and self.test_set == "lake_runs":
+            return f"Lake's runs are a fixed {NUM_RUNS}: test on at most {NUM_RUNS} devices, or use test_set='split' with test_episodes >= {world_size}"
+        return super().more_episodes(split, world_size)
 
     def num_classes(self, split: str) -> int | None:
         if split == "test" and self.test_set == "lake_runs":

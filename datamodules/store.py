@@ -296,7 +296,7 @@ def load_or_build(
         try:
             return ClassStore.load(path)
         except Exception as error:  # a damaged or foreign file: decode again and replace it
-            warnings.warn(f"ignoring the unreadable cache {path} ({error}); decoding the images again", stacklevel=2)
+            warnings.warn(f"ignoring the unreadable cache {path} ({_one_line(error)}); decoding the images again", stacklevel=2)
     store = build()
     try:
         store.save(path)
@@ -304,5 +304,15 @@ def load_or_build(
             if stale != path:
                 stale.unlink(missing_ok=True)
     except OSError as error:
-        warnings.warn(f"could not write the cache {path} ({error}); set LIT_META_CACHE to a writable folder", stacklevel=2)
+        warnings.warn(
+            f"could not write the cache {path} ({_one_line(error)}); delete it if it is left over, or set "
+            "LIT_META_CACHE to a writable folder",
+            stacklevel=2,
+        )
     return store
+
+
+def _one_line(error: BaseException) -> str:
+    """``error`` as ``Type: first line`` (torch's and zipfile's messages run over several lines)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

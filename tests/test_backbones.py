@@ -215,3 +215,82 @@ def test_fused_norm_matches_batchstat_norm_and_is_refused_for_second_order():
     MAML(Conv4(hidden=8, out_features=5, fused_norm=True), first_order=True)
     with pytest.raises(ConfigError, match="fused_norm"):
         MAML(Conv4(hidden=8, out_features=5, fused_norm=True))
+
+
+class UserNet(nn.Module):
+    """A backbone a user writes with native normalization (not a lit_meta Backbone)."""
+
+    def __init__(self, norm: nn.Module, head: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = norm
+        self.head = nn.Linear(4 * 8 * 8, 5) if head else None
+
+    def embed(self, x):
+        return torch.relu(self.norm(self.conv(x))).flatten(1)
+
+    def forward(self, x):
+        return self.head(self.embed(x)) if self.head is not None else self.embed(x)
+
+
+@pytest.mark.parametrize(
+    "norm, layer",
+    [
+        (lambda: nn.BatchNorm2d(4), "BatchNorm2d layer norm"),
+        (lambda: nn.BatchNorm2d(4, track_running_stats=False), "BatchNorm2d layer norm"),
+        (lambda: nn.InstanceNorm2d(4, affine=True), "InstanceNorm2d layer norm"),
+        (lambda: nn.LayerNorm([4, 8, 8]), "LayerNorm layer norm"),
+    ],
+    ids=["batchnorm", "batchnorm-batch-stats", "instancenorm-affine", "layernorm-affine"],
+)
+def test_native_norms_are_refused_where_vmapped_second_order_gradients_would_be_wrong(norm, layer):
+    from lit_meta import ANIL, MAML, ConfigError, MetaBGD
+
+    with pytest.raises(ConfigError, match=f"MAML: the backbone's {layer} gives wrong second-order gradients under vmap; normalize with lit_meta.BatchStatNorm instead, or set vectorize: false or first_order: true"):
+        MAML(UserNet(norm()))
+    with pytest.raises(ConfigError, match="MetaBGD: .* gives wrong second-order gradients under vmap"):
+        MetaBGD(UserNet(norm(), head=False), embedding_dim=4 * 8 * 8)
+    # Each fix is accepted: a per-task loop, first-order gradients, or the norm outside the module the inner loop
+    # differentiates through (ANIL adapts only the head of a backbone with embed; the norm is in the body).
+    MAML(UserNet(norm()), vectorize=False)
+    MAML(UserNet(norm()), first_order=True)
+    ANIL(UserNet(norm()))
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [lambda: nn.BatchNorm2d(4, affine=False, track_running_stats=False), lambda: nn.InstanceNorm2d(4), lambda: nn.GroupNorm(2, 4), lambda: nn.LayerNorm([4, 8, 8], elementwise_affine=False)],
+    ids=["batchnorm-no-affine", "instancenorm", "groupnorm", "layernorm-no-affine"],
+)
+def test_exact_native_norms_are_accepted(norm):
+    from lit_meta import MAML
+
+    MAML(UserNet(norm()))
+
+
+def test_the_refused_norms_are_the_inexact_ones():
+    """The refusal rests on a measurement: vmapped second-order MAML gradients against the per-task loop (float64)."""
+    from datamodules import SinusoidDataModule
+    from lit_meta import MAML
+
+    dm = SinusoidDataModule(shots=5, queries=5, meta_batch_size=4)
+    b = dm.train_dataloader().batch(0)
+    batch = type(b)(b.support_x.double(), b.support_y.double(), b.query_x.double(), b.query_y.double())
+
+    def meta_gradient(norm, vectorize):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(1, 8), norm, nn.Tanh(), nn.Linear(8, 1)).double()
+        model = MAML(net, inner_lr=0.1, inner_steps=2, vectorize=False).double()
+        model.vectorize = vectorize  # past the refusal, to measure what it guards against
+        grads = torch.autograd.grad(model.meta_loss(batch), list(model.backbone.parameters()))
+        return torch.cat([g.flatten() for g in grads])
+
+    def error(make):
+        loop, vmapped = meta_gradient(make(), False), meta_gradient(make(), True)
+        return float((loop - vmapped).abs().max() / loop.abs().max())
+
+    assert error(lambda: nn.BatchNorm1d(8, track_running_stats=False)) > 1e-2
+    assert error(lambda: nn.LayerNorm(8)) > 1e-4
+    assert error(lambda: nn.LayerNorm(8, elementwise_affine=False)) < 1e-12
+    assert error(lambda: nn.BatchNorm1d(8, affine=False, track_running_stats=False)) < 1e-12
+    assert error(lambda: nn.GroupNorm(2, 8)) < 1e-12

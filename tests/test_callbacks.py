@@ -102,3 +102,57 @@ def test_cli_has_throughput_by_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = MetaCLI(args=["--config", str(REPO / "configs" / "sinusoid_maml.yaml"), "--trainer.logger=false"], run=False)
     assert any(isinstance(c, Throughput) for c in cli.trainer.callbacks)
+
+
+def test_line_progress_prints_a_line_every_n_steps_and_per_validation(capsys):
+    import io
+
+    from lit_meta.callbacks import LineProgress
+
+    torch.manual_seed(0)
+    model = MAML(SinusoidMLP(hidden=(8, 8)))
+    dm = SinusoidDataModule(shots=5, queries=5, meta_batch_size=4, train_batches=4, val_episodes=4, eval_meta_batch_size=4)
+    out = io.StringIO()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        num_sanity_val_steps=1,
+        callbacks=[Throughput(window=2), LineProgress(every_n_steps=2, stream=out)],
+    )
+    trainer.fit(model, dm)
+    lines = out.getvalue().splitlines()
+    steps = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split(" | ")[0] for line in steps] == [
+        "epoch 0 step 2 (batch 2/4)",
+        "epoch 0 step 4 (batch 4/4)",
+        "epoch 1 step 6 (batch 2/4)",
+        "epoch 1 step 8 (batch 4/4)",
+    ]
+    assert all("train/loss" in line and "train/mse" in line for line in steps)
+    assert "steps/s" in steps[1] and "train/steps_per_sec" in steps[1]
+    validations = [line for line in lines if line.startswith("validation")]
+    assert len(validations) == 2, "one per validation run, none for the sanity check"
+    assert validations[0].startswith("validation epoch 0 step 4 | ") and "val/mse " in validations[0]
+    assert [line.split(" | ")[0] for line in lines if line.startswith("end of")] == ["end of epoch 0 step 4 (batch 4/4)", "end of epoch 1 step 8 (batch 4/4)"]
+    assert len(lines) == 8
+    assert "\r" not in out.getvalue() and capsys.readouterr().out == "", "nothing but the lines, and only to the stream"
+
+
+def test_line_progress_is_quiet_when_disabled_and_checks_its_argument():
+    from lit_meta.callbacks import LineProgress
+
+    with pytest.raises(ConfigError, match="every_n_steps"):
+        LineProgress(every_n_steps=0)
+    import io
+
+    out = io.StringIO()
+    bar = LineProgress(stream=out)
+    bar.disable()
+    bar.print("hidden")
+    bar.enable()
+    bar.print("shown")
+    assert out.getvalue() == "shown\n"

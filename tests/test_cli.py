@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lit_meta.cli import main
 
@@ -80,3 +81,51 @@ def test_print_config_lists_meta_learning_defaults(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "inference_mode: false" in result.stdout
     assert "class_path: lit_meta.MAML" in result.stdout or "class_path: lit_meta.algorithms.maml.MAML" in result.stdout
+
+
+def test_progress_in_a_log_file_is_a_few_lines(tmp_path):
+    # Standard output to a file, as under nohup or a job scheduler: lines every log_every_n_steps, not a redrawn bar.
+    log = tmp_path / "train.log"
+    env = dict(
+        os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )  # fmt: skip
+    steps = 40
+    with open(log, "w") as out:
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "lit_meta", "fit", "--config", str(SINUSOID),
+                f"--trainer.max_steps={steps}", "--trainer.log_every_n_steps=10", "--data.init_args.train_batches=20",
+                "--data.init_args.val_episodes=4", "--test_after_fit=false", "--media=false",
+            ],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = log.read_text()
+    assert "\r" not in text
+    lines = text.splitlines()
+    for step in (10, 20, 30, 40):
+        assert any(line.startswith(f"epoch {(step - 1) // 20} step {step} ") and "train/loss" in line for line in lines), text
+    assert sum(line.startswith("validation epoch") and "val/mse" in line for line in lines) == 2, text
+    assert len(text) / steps < 100, f"{len(text) / steps:.0f} bytes per step"
+
+
+def test_evaluation_flags_override_the_checkpoint_and_fit_resumes_through_the_cli(tmp_path, monkeypatch):
+    from lightning.pytorch import Trainer
+
+    monkeypatch.chdir(tmp_path)
+    one_step = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--media=false", "--test_after_fit=false"]
+    main(["fit", "--config", str(SINUSOID), "--trainer.max_steps=2", "--trainer.limit_val_batches=0", *one_step])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    # fit --ckpt_path resumes the run (Lightning's own handling of the checkpoint's hyper-parameters).
+    main(["fit", "--config", str(SINUSOID), "--ckpt_path", str(last), "--trainer.max_steps=3", "--trainer.limit_val_batches=0", *one_step])
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+
+    seen = []
+    monkeypatch.setattr(Trainer, "test", lambda self, model, datamodule=None, ckpt_path=None, **kw: seen.append((type(model).__name__, model.eval_inner_steps, ckpt_path)))
+    # The model comes from the checkpoint; a flag still wins over the checkpoint's value, and the checkpoint's path
+    # reaches Trainer.test.
+    main(["test", "--ckpt_path", str(last), "--data", "datamodules.SinusoidDataModule", "--model.init_args.eval_inner_steps=7"])
+    main(["test", "--ckpt_path", str(last), "--data", "datamodules.SinusoidDataModule"])
+    recorded = torch.load(last, weights_only=True)["hyper_parameters"]["eval_inner_steps"]
+    assert seen == [("MAML", 7, str(last)), ("MAML", recorded, str(last))] and recorded != 7

@@ -215,3 +215,42 @@ def test_store_on_gpu_gathers_there():
 def test_user_cache_dir_default(monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert user_cache_dir() == Path.home() / ".cache" / "lit_meta"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "empty", "not-a-store", "old-format", "inconsistent"],
+)
+def test_every_damaged_cache_is_rebuilt_with_a_one_line_warning(tmp_path, damage):
+    load_or_build("toy-train", 4, {}, ["v1"], lambda: tagged_store([2, 3]), tmp_path)
+    (path,) = tmp_path.iterdir()
+    good = path.read_bytes()
+    if damage == "truncated":  # an interrupted copy, a full disk
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "not-a-store":
+        torch.save(torch.zeros(3), path)
+    elif damage == "old-format":
+        torch.save({"version": 0, "images": torch.zeros(1, 1, 4, 4, dtype=torch.uint8), "counts": [1], "names": ["a"]}, path)
+    else:  # counts that do not add up to the images
+        torch.save({"version": 1, "images": torch.zeros(1, 1, 4, 4, dtype=torch.uint8), "counts": [5], "names": ["a"]}, path)
+    with pytest.warns(UserWarning) as caught:
+        store = load_or_build("toy-train", 4, {}, ["v1"], lambda: tagged_store([2, 3]), tmp_path)
+    (warning,) = [str(w.message) for w in caught]
+    assert "\n" not in warning and str(path) in warning and "unreadable cache" in warning
+    assert store.num_classes == 2 and ClassStore.load(path).num_classes == 2, "the damaged file was replaced"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name], "no temp file left"
+
+
+def test_a_folder_in_the_way_of_a_cache_is_named_in_one_line(tmp_path):
+    load_or_build("toy-train", 4, {}, ["v1"], lambda: tagged_store([2]), tmp_path)
+    (path,) = tmp_path.iterdir()
+    path.unlink()
+    path.mkdir()  # cannot be read, and cannot be replaced by a file
+    with pytest.warns(UserWarning) as caught:
+        store = load_or_build("toy-train", 4, {}, ["v1"], lambda: tagged_store([2]), tmp_path)
+    (warning,) = [str(w.message) for w in caught]
+    assert "\n" not in warning and f"could not write the cache {path}" in warning and "delete it" in warning
+    assert store.num_classes == 1, "the run goes on with the store in memory"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temp file left"

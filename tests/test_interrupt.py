@@ -3,6 +3,7 @@ and resumes exactly where the run stopped."""
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +67,47 @@ def test_last_checkpoint_follows_every_epoch_even_without_a_better_validation(tm
     trainer.fit(model, dm)
     assert [p.name for p in (tmp_path / "flat").glob("best-*.ckpt")] == ["best-0-3.ckpt"]
     assert torch.load(tmp_path / "flat" / "last.ckpt", weights_only=True)["global_step"] == 9
+
+
+def test_last_checkpoint_records_the_best_of_its_own_step(tmp_path):
+    # last.ckpt must be written after the top-k checkpoint of the same step: a resume from it then knows the best so
+    # far (else it would keep an older best, and a later, worse epoch could replace the true best).
+    _, dm, trainer = make(tmp_path, "improving", 3 * 3)
+    model = MAML(SinusoidMLP(hidden=(16, 16)), inner_lr=0.01, inner_steps=1)
+    trainer.fit(model, dm)
+    callback = trainer.checkpoint_callback
+    last = torch.load(tmp_path / "improving" / "last.ckpt", weights_only=False)
+    (state,) = [s for key, s in last["callbacks"].items() if key.startswith("MetaCheckpoint")]
+    assert last["global_step"] == 9
+    assert state["best_model_path"] == callback.best_model_path
+    assert state["last_model_path"] == str(tmp_path / "improving" / "last.ckpt")
+    assert sorted(p.name for p in (tmp_path / "improving").iterdir()) == sorted(["last.ckpt", Path(callback.best_model_path).name])
+
+
+def test_a_mid_epoch_validation_updates_last_checkpoint_at_once(tmp_path):
+    import lightning.pytorch as pl
+
+    from datamodules import SinusoidDataModule
+
+    class LastAtBatchStart(Callback):
+        """The step last.ckpt holds when each training batch starts."""
+
+        def __init__(self) -> None:
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            path = tmp_path / "mid" / "last.ckpt"
+            self.seen.append((trainer.global_step, torch.load(path, weights_only=True)["global_step"] if path.exists() else None))
+
+    probe = LastAtBatchStart()
+    model = MAML(SinusoidMLP(hidden=(16, 16)), inner_lr=0.01, inner_steps=1)
+    dm = SinusoidDataModule(shots=5, queries=5, meta_batch_size=4, train_batches=4, val_episodes=4, test_episodes=4)
+    trainer = pl.Trainer(
+        max_steps=8, val_check_interval=2, logger=False, callbacks=[probe, MetaCheckpoint(dirpath=tmp_path / "mid")],
+        enable_progress_bar=False, enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    # Validation after batches 2 and 4 of each 4-batch epoch: last.ckpt follows at once, mid-epoch included.
+    assert probe.seen == [(0, None), (1, None), (2, 2), (3, 2), (4, 4), (5, 4), (6, 6), (7, 6)]
+    assert torch.load(tmp_path / "mid" / "last.ckpt", weights_only=True)["global_step"] == 8

@@ -74,3 +74,39 @@ def test_loader_is_sized():
     assert len(loader()) == 4
     assert len(loader("val")) == 4  # ceil(10 / 3)
     assert isinstance(loader(), EpisodeLoader)
+
+
+def test_a_distributed_evaluation_with_a_process_left_without_episodes_is_refused_at_setup():
+    import pytest
+
+    from datamodules import ConfigError, OmniglotDataModule
+
+    def setup(dm, stage, world_size):
+        dm._rank = lambda: (0, world_size)  # what the Trainer reports on every rank of a DDP run
+        dm.setup(stage)
+
+    dm = SinusoidDataModule(val_episodes=3, test_episodes=8)
+    # Episodes are dealt out round-robin: 3 validation episodes for 4 processes leave one with none.
+    with pytest.raises(ConfigError, match="3 val episodes for 4 processes: 1 of them would get none .* raise val_episodes to at least 4"):
+        setup(dm, "fit", 4)
+    with pytest.raises(ConfigError, match="3 val episodes for 4 processes"):
+        setup(dm, "validate", 4)
+    setup(dm, "test", 4)  # the test split has enough
+    setup(dm, "fit", 3)  # one episode each
+    setup(dm, "predict", 16)
+    with pytest.raises(ConfigError, match="8 test episodes for 9 processes: 1 of them .* raise test_episodes"):
+        setup(dm, "test", 9)
+    # Every process gets at least one: the loaders agree with the check.
+    def shard(rank, world_size):
+        dm = SinusoidDataModule(val_episodes=3, eval_meta_batch_size=2)
+        dm._rank = lambda: (rank, world_size)
+        return dm.episode_loader("val").episodes
+
+    assert all(shard(rank, world_size) for world_size in (1, 2, 3) for rank in range(world_size))
+    assert shard(3, 4) == []
+
+    # Lake's 20 runs are the Omniglot default's test set, whatever test_episodes says (checked before any file is read).
+    omniglot = OmniglotDataModule(test_episodes=600)
+    omniglot._rank = lambda: (0, 32)
+    with pytest.raises(ConfigError, match="20 test episodes for 32 processes: .* Lake's runs are a fixed 20: test on at most 20 devices, or use test_set='split' with test_episodes >= 32"):
+        omniglot.setup("test")

@@ -33,7 +33,8 @@ from lit_meta.normalization import (
     running_statistics,
     update_running_statistics,
 )
-from lit_meta.prediction import CHECKPOINT_KEY, AdaptedModel, check_algorithm, checkpoint_algorithm, predict_batch, read_checkpoint
+from lit_meta.adapted import AdaptedModel, predict_batch
+from lit_meta.checkpoints import CHECKPOINT_KEY, check_algorithm, checkpoint_algorithm, read_checkpoint
 
 
 
