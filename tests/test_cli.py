@@ -29,6 +29,9 @@ def test_fit_then_test_sinusoid(tmp_path):
         "--trainer.max_epochs=2",
         "--data.init_args.train_batches=150",
         "--data.init_args.test_episodes=100",
+        # 300 steps of the config's K=5 are too few for adaptation to pay; K=10 gets there in that budget
+        "--data.init_args.shots=10",
+        "--data.init_args.train_queries=10",
         "--trainer.enable_progress_bar=false",
         cwd=tmp_path,
     )
