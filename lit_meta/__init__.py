@@ -3,7 +3,7 @@
 from datamodules.errors import ConfigError, DataError, LitMetaError
 from datamodules.task_batch import TaskBatch
 from lit_meta.allocator import tune_cpu_allocator
-from lit_meta.algorithms import ANIL, MAML, MatchingNet, MetaBGD, MetaLearner, MetaSGD, ProtoNet, Reptile
+from lit_meta.algorithms import ANIL, IMAML, MAML, MatchingNet, MetaBGD, MetaLearner, MetaSGD, ProtoNet, Reptile
 from lit_meta.backbones import BatchStatNorm, Conv4, ResNet12, SinusoidMLP
 from lit_meta.metrics import MeanConfidenceInterval
 from lit_meta.prediction import AdaptedModel, PredictionWriter, load_model
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptedModel",
     "ANIL",
+    "IMAML",
     "MAML",
     "MatchingNet",
     "MetaBGD",

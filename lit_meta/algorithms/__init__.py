@@ -2,6 +2,7 @@
 
 from lit_meta.algorithms.anil import ANIL
 from lit_meta.algorithms.base import MetaLearner
+from lit_meta.algorithms.imaml import IMAML
 from lit_meta.algorithms.maml import MAML
 from lit_meta.algorithms.matchingnet import MatchingNet
 from lit_meta.algorithms.metabgd import MetaBGD
@@ -9,4 +10,4 @@ from lit_meta.algorithms.metasgd import MetaSGD
 from lit_meta.algorithms.protonet import ProtoNet
 from lit_meta.algorithms.reptile import Reptile
 
-__all__ = ["ANIL", "MAML", "MatchingNet", "MetaBGD", "MetaLearner", "MetaSGD", "ProtoNet", "Reptile"]
+__all__ = ["ANIL", "IMAML", "MAML", "MatchingNet", "MetaBGD", "MetaLearner", "MetaSGD", "ProtoNet", "Reptile"]

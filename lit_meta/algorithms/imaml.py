@@ -1,0 +1,155 @@
+r"""Implicit MAML (Rajeswaran, Finn, Kakade & Levine, NeurIPS 2019): meta-gradients without back-propagating through
+the inner loop.
+
+For a task with support set ``S`` and query set ``Q`` the inner problem is regularized towards the initialization,
+
+    phi*(theta) = argmin_phi  L_S(phi) + (lambda / 2) ||phi - theta||^2,
+
+solved approximately by ``inner_steps`` gradient steps from ``phi = theta``. At its optimum
+``grad L_S(phi*) + lambda (phi* - theta) = 0``, so the implicit function theorem gives
+``d phi* / d theta = (I + H / lambda)^{-1}`` with ``H`` the support loss's Hessian at ``phi*``, and the meta-gradient of
+the query loss is
+
+    g = (I + H / lambda)^{-1} grad L_Q(phi*),
+
+found by ``cg_steps`` of conjugate gradient on Hessian-vector products (``torch.func.vjp`` of the support gradient,
+linearized once per task). Nothing of the inner loop is kept for the backward pass: memory does not depend on the number of
+inner steps. The objective returned per task has the query loss as its value and ``g`` as its gradient with respect
+to the meta-parameters, so the outer step, DDP's all-reduce and chunked accumulation work as for every algorithm.
+
+This is iMAML with a gradient-descent inner solver (the paper's "iMAML, GD" rows); its "Hessian-free" rows solve the
+inner problem with a second-order method.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from datamodules.errors import ConfigError, require_positive
+from lit_meta.adaptation import Params, adapt
+from lit_meta.algorithms.base import MetaLearner, task_loss
+from lit_meta.backbones import refuse_fused_norm_for_second_order
+from lit_meta.normalization import not_recording, query_outputs
+
+
+def _dot(a: Params, b: Params) -> Tensor:
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def conjugate_gradient(apply: Callable[[Params], Params], b: Params, steps: int, eps: float = 1e-12) -> Params:
+    """``steps`` iterations of conjugate gradient on ``apply(x) = b`` (``apply`` symmetric positive definite), from 0.
+
+    A fixed number of iterations and no data-dependent branches, so it runs under ``torch.func.vmap``.
+    """
+    x = {k: torch.zeros_like(v) for k, v in b.items()}
+    r = dict(b)
+    p = dict(b)
+    rs = _dot(r, r)
+    for _ in range(steps):
+        ap = apply(p)
+        alpha = rs / (_dot(p, ap) + eps)
+        x = {k: x[k] + alpha * p[k] for k in x}
+        r = {k: r[k] - alpha * ap[k] for k in r}
+        rs_new = _dot(r, r)
+        p = {k: r[k] + (rs_new / (rs + eps)) * p[k] for k in p}
+        rs = rs_new
+    return x
+
+
+class IMAML(MetaLearner):
+    """Implicit MAML with a gradient-descent inner solver.
+
+    Args:
+        backbone: the network being meta-learned (a classifier ``head`` for classification).
+        inner_lr: step size of the inner gradient descent on ``L_S(phi) + lambda/2 ||phi - theta||^2``.
+        inner_steps: inner steps in meta-training.
+        eval_inner_steps: inner steps at validation and test (default ``inner_steps``).
+        lam: the proximal regularization ``lambda``.
+        cg_steps: conjugate-gradient iterations for the implicit meta-gradient.
+        **kwargs: see :class:`~lit_meta.algorithms.base.MetaLearner` (optimizer, scheduler, vectorize, chunk_size,
+            normalization).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        inner_lr: float = 0.1,
+        inner_steps: int = 16,
+        eval_inner_steps: int | None = None,
+        lam: float = 2.0,
+        cg_steps: int = 5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(backbone, **kwargs)
+        eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        require_positive(inner_steps=inner_steps, eval_inner_steps=eval_inner_steps, cg_steps=cg_steps)
+        if not lam > 0:
+            raise ConfigError(f"lam (the proximal regularization) must be positive, got {lam!r}")
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = eval_inner_steps
+        self.lam = float(lam)
+        self.cg_steps = cg_steps
+        # The Hessian-vector products are second-order derivatives of the backbone, taken under vmap.
+        refuse_fused_norm_for_second_order(self.backbone, True, self.vectorize, type(self).__name__)
+
+    def head_outputs(self) -> int | None:
+        head = getattr(self.backbone, "head", None)
+        return head.out_features if isinstance(head, nn.Linear) else None
+
+    def steps(self, training: bool) -> int:
+        return self.inner_steps if training else self.eval_inner_steps
+
+    def solve_inner(self, support_x: Tensor, support_y: Tensor, steps: int) -> tuple[Params, Params]:
+        """``(phi, buffers)``: ``steps`` of proximal gradient descent from the (detached) meta-parameters."""
+        theta = {k: v.detach() for k, v in self.backbone.named_parameters()}
+        buffers = {k: v.detach() for k, v in self.backbone.named_buffers()}
+        lr, lam = self.inner_lr, self.lam
+
+        def proximal_step(step: int, params: Params, grads: Params) -> Params:
+            return {k: params[k] - lr * (grads[k] + lam * (params[k] - theta[k])) for k in params}
+
+        trajectory = adapt(
+            self.backbone, theta, support_x, support_y, loss_fn=task_loss, steps=steps, step_size=lr,
+            first_order=True, context=buffers, update=proximal_step,
+        )
+        return trajectory[-1], buffers
+
+    def implicit_gradient(self, phi: Params, buffers: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Params:
+        """``(I + H / lambda)^{-1} grad L_Q(phi)`` by conjugate gradient (``H``: the support loss's Hessian at phi)."""
+
+        def loss_on(x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
+            return lambda p: task_loss(functional_call(self.backbone, {**buffers, **p}, (x,)), y)
+
+        # These passes run inside torch.func transforms: their normalization statistics are not training's.
+        with not_recording():
+            # The support gradient linearized once at phi: each CG iteration is then one Hessian-vector product
+            # (reverse over reverse; H is symmetric, so its vector-Jacobian product is H v).
+            _, hessian_vector = torch.func.vjp(torch.func.grad(loss_on(support_x, support_y)), phi)
+
+            def apply(v: Params) -> Params:
+                (hv,) = hessian_vector(v)
+                return {k: v[k] + hv[k] / self.lam for k in v}
+
+            query_grad = torch.func.grad(loss_on(query_x, query_y))(phi)
+            return conjugate_gradient(apply, query_grad, self.cg_steps)
+
+    def task_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        phi, buffers = self.solve_inner(support_x, support_y, self.steps(training))
+
+        def forward(x: Tensor) -> Tensor:
+            return functional_call(self.backbone, {**buffers, **phi}, (x,))
+
+        predictions = query_outputs(forward, support_x, query_x, self.protocol(training), self.vectorize)
+        loss = task_loss(predictions, query_y)
+        if not training:
+            return loss, predictions
+        g = self.implicit_gradient(phi, buffers, support_x, support_y, query_x, query_y)
+        # Value: the query loss; gradient with respect to theta: g (phi and g are constants of the outer backward).
+        theta = dict(self.backbone.named_parameters())
+        surrogate = sum((theta[k] * g[k].detach()).sum() for k in theta)
+        return loss.detach() + surrogate - surrogate.detach(), predictions
