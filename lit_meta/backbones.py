@@ -19,7 +19,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.errors import ConfigError
