@@ -281,8 +281,13 @@ def test_bad_settings_are_one_line_config_errors():
         MAMLRL(inner_steps=-1)
     with pytest.raises(ConfigError, match="max_kl"):
         MAMLRL(max_kl=0.0)
+    with pytest.raises(ConfigError, match="eval_inner_lrs"):
+        MAMLRL(eval_inner_steps=3, eval_inner_lrs=[0.1, 0.05])
     with pytest.raises(ConfigError, match="goal_range"):
         RolloutDataModule(goal_range=(0.5, -0.5))
+    with pytest.raises(ConfigError, match="monitor"):
+        RolloutDataModule(monitor="acc")
+    assert RolloutDataModule(monitor="return_0").validation_metric == ("val/return_0", "max")
 
 
 def test_short_training_improves_the_adapted_return():
@@ -334,3 +339,15 @@ def test_command_line_fits_resumes_and_tests(tmp_path, monkeypatch):
     main(["fit", "--config", config, "--ckpt_path", str(last), "--trainer.max_epochs=2", "--test_after_fit=false", *small])
     assert torch.load(last, weights_only=True)["global_step"] == 4
     main(["test", "--config", config, "--ckpt_path", str(last), *small])
+
+
+def test_evaluation_step_sizes():
+    batch = tasks(2)
+    default = small_model(eval_inner_steps=2).task_metrics(batch)
+    explicit = small_model(eval_inner_steps=2, eval_inner_lrs=[0.1, 0.1]).task_metrics(batch)
+    smaller = small_model(eval_inner_steps=2, eval_inner_lrs=[0.1, 0.05]).task_metrics(batch)
+    assert set(default) == {"return_0", "return_1", "return_2"}
+    for key in default:
+        torch.testing.assert_close(default[key], explicit[key], rtol=0, atol=0)
+    torch.testing.assert_close(default["return_1"], smaller["return_1"], rtol=0, atol=0)
+    assert not torch.equal(default["return_2"], smaller["return_2"])

@@ -51,12 +51,13 @@ class RolloutDataModule(EpisodicDataModule):
         test_episodes: fixed test tasks.
         eval_meta_batch_size: tasks per evaluation batch.
         goal_range: the square the goals are drawn from.
+        monitor: the validation value the best checkpoint is chosen on (higher is better): ``return_1``, the return
+            after one adaptation step, or ``return_k`` for another number of steps (``return_0`` for the oracle,
+            which does not adapt).
         seed: seeds every task (see :mod:`datamodules.sampler`).
     """
 
     task_type = "reinforcement"
-    #: The checkpoint callback keeps the best checkpoint on this validation value (see ``MetaCheckpoint``).
-    validation_metric = ("val/return_1", "max")
 
     def __init__(
         self,
@@ -66,6 +67,7 @@ class RolloutDataModule(EpisodicDataModule):
         test_episodes: int = 100,
         eval_meta_batch_size: int = 20,
         goal_range: tuple[float, float] = (-0.5, 0.5),
+        monitor: str = "return_1",
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -84,6 +86,10 @@ class RolloutDataModule(EpisodicDataModule):
             raise ConfigError(f"goal_range must be (low, high) with low <= high, got {tuple(goal_range)}")
         self.goal_range = (float(low), float(high))
         self.env = Navigation2D(goal_range=self.goal_range)
+        if not (monitor.startswith("return_") and monitor[len("return_") :].isdigit()):
+            raise ConfigError(f"monitor must be return_k (the return after k adaptation steps), got {monitor!r}")
+        #: The checkpoint callback keeps the best checkpoint on this validation value (see ``MetaCheckpoint``).
+        self.validation_metric = (f"val/{monitor}", "max")
 
     def sample_tasks(self, split: str, generators: list[torch.Generator]) -> NavigationTasks:  # type: ignore[override]
         """Task ``t`` (its goal, then its rollout seed) from ``generators[t]`` alone."""

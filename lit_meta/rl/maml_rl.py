@@ -80,6 +80,8 @@ class MAMLRL(MetaLearner):
         inner_lr: ``alpha`` of the policy-gradient inner step (Finn et al.: 0.1).
         inner_steps: inner steps in meta-training; 0 trains a single policy on all tasks (the pretrained baseline).
         eval_inner_steps: policy-gradient steps at evaluation (returns are logged after each).
+        eval_inner_lrs: the step size of each evaluation step (``eval_inner_steps`` values); ``None``: ``inner_lr``
+            for every step. Finn et al.'s test script used 0.1 for the first step and 0.05 for the next ones.
         first_order: do not differentiate through the inner gradient.
         trajectories: trajectories per task and per inner step in meta-training (Finn et al.'s fast batch: 20).
         eval_trajectories: trajectories per task and per step at evaluation.
@@ -99,6 +101,7 @@ class MAMLRL(MetaLearner):
         inner_lr: float = 0.1,
         inner_steps: int = 1,
         eval_inner_steps: int = 3,
+        eval_inner_lrs: list[float] | None = None,
         first_order: bool = False,
         trajectories: int = 20,
         eval_trajectories: int = 20,
@@ -122,6 +125,11 @@ class MAMLRL(MetaLearner):
         for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if eval_inner_lrs is not None and len(eval_inner_lrs) != eval_inner_steps:
+            raise ConfigError(
+                f"eval_inner_lrs needs one step size per evaluation step: {len(eval_inner_lrs)} for eval_inner_steps "
+                f"= {eval_inner_steps}; give {eval_inner_steps} values or null"
+            )
         if not 0.0 < discount <= 1.0 or not 0.0 <= gae_lambda <= 1.0:
             raise ConfigError(f"need 0 < discount <= 1 and 0 <= gae_lambda <= 1, got {discount} and {gae_lambda}")
         if not max_kl > 0 or not 0.0 < backtrack_ratio < 1.0:
@@ -129,6 +137,7 @@ class MAMLRL(MetaLearner):
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
+        self.eval_inner_lrs = None if eval_inner_lrs is None else [float(lr) for lr in eval_inner_lrs]
         self.first_order = first_order
         self.trajectories = trajectories
         self.eval_trajectories = eval_trajectories
@@ -186,14 +195,16 @@ class MAMLRL(MetaLearner):
         trajectories, adv = batch
         return -self._valid_mean(self.log_prob(params, trajectories) * adv, trajectories.mask)
 
-    def adapt_step(self, params: Params, batch: Batch, create_graph: bool) -> Params:
-        """One policy-gradient step of every task's parameters (``[T, ...]`` each) on its own batch."""
+    def adapt_step(self, params: Params, batch: Batch, create_graph: bool, lr: float | None = None) -> Params:
+        """One policy-gradient step (size ``lr``, default ``inner_lr``) of every task's parameters (``[T, ...]``
+        each) on its own batch."""
+        lr = self.inner_lr if lr is None else lr
         names = list(params)
         with torch.enable_grad():
             # Tasks are independent, so the gradient of the sum is every task's own gradient.
             loss = self.inner_loss(params, batch).sum()
             grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
-        return {n: params[n] - self.inner_lr * g for n, g in zip(names, grads)}
+        return {n: params[n] - lr * g for n, g in zip(names, grads)}
 
     def adapted_parameters(self, params: Params, support: list[Batch], num_tasks: int, differentiable: bool) -> Params:
         """Per-task parameters ``[T, ...]`` after one step on each of ``support``'s batches, from shared ``params``.
@@ -337,7 +348,8 @@ class MAMLRL(MetaLearner):
             rollout = self.rollout(params, batch, self.eval_trajectories, EVAL_PHASE, step)
             values[f"return_{step}"] = rollout[0].average_return()
             if step < self.eval_inner_steps:
-                params = self.adapt_step({k: v.detach().requires_grad_() for k, v in params.items()}, rollout, create_graph=False)
+                lr = None if self.eval_inner_lrs is None else self.eval_inner_lrs[step]
+                params = self.adapt_step({k: v.detach().requires_grad_() for k, v in params.items()}, rollout, create_graph=False, lr=lr)
                 params = {k: v.detach() for k, v in params.items()}
         return values
 
