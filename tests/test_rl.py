@@ -351,3 +351,14 @@ def test_evaluation_step_sizes():
         torch.testing.assert_close(default[key], explicit[key], rtol=0, atol=0)
     torch.testing.assert_close(default["return_1"], smaller["return_1"], rtol=0, atol=0)
     assert not torch.equal(default["return_2"], smaller["return_2"])
+
+
+def test_episode_values_gives_the_per_task_returns():
+    from lit_meta.evaluation import episode_values
+
+    model = small_model(eval_inner_steps=1, eval_trajectories=2)
+    data = RolloutDataModule(test_episodes=3, eval_meta_batch_size=2)
+    values = episode_values(model.float(), data, "test")
+    expected = torch.cat([model.task_metrics(batch)["return_1"] for batch in data.test_dataloader()])
+    assert values["return_1"].shape == (3,)
+    torch.testing.assert_close(values["return_1"], expected)

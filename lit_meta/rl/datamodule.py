@@ -40,6 +40,9 @@ class NavigationTasks:
     def num_tasks(self) -> int:
         return self.goals.shape[0]
 
+    def to(self, device: torch.device | str) -> "NavigationTasks":
+        return NavigationTasks(self.goals.to(device), self.seeds.to(device))
+
 
 class RolloutDataModule(EpisodicDataModule):
     """Meta-batches of 2-D navigation tasks (Finn et al. 2017, section 5.3): goals uniform in ``goal_range^2``.
@@ -98,6 +101,10 @@ class RolloutDataModule(EpisodicDataModule):
             goals.append(self.env.sample_goals(generator))
             seeds.append(torch.randint(0, SEED_BOUND, (1,), generator=generator))
         return NavigationTasks(torch.cat(goals), torch.cat(seeds))
+
+    def prepare_batch(self, batch: NavigationTasks) -> NavigationTasks:  # type: ignore[override]
+        """Goals are already floats: nothing to convert."""
+        return batch
 
     def sample_task(self, split: str, generator: torch.Generator):  # type: ignore[override]
         raise ConfigError(f"{type(self).__name__} draws whole meta-batches of tasks (sample_tasks), not episodes")

@@ -10,7 +10,7 @@ A point agent starts at the origin of the plane and must move to a goal ``g`` dr
 with ``v = 0.1`` (the action space is the box ``[-0.1, 0.1]^2``) for a horizon of 100 steps. The observation is the
 position ``s_t`` (the oracle baseline also sees the goal). The return of a trajectory is the undiscounted sum of its
 rewards: an agent that stays at the origin scores ``-100 ||g||`` (``-38.3`` on average over goals), one that heads
-straight for the goal at full speed about ``-1`` to ``-2`` (every goal is at most 5 steps away).
+straight for the goal at full speed about ``-0.5`` (every goal is at most 5 steps away, and the episode ends there).
 
 These are the details of the reference implementation (``maml_examples/point_env_randgoal.py`` of the authors'
 ``maml_rl`` code, built on rllab):
