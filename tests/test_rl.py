@@ -288,6 +288,8 @@ def test_bad_settings_are_one_line_config_errors():
     with pytest.raises(ConfigError, match="monitor"):
         RolloutDataModule(monitor="acc")
     assert RolloutDataModule(monitor="return_0").validation_metric == ("val/return_0", "max")
+    with pytest.raises(ConfigError, match="trajectories it collects"):
+        MAMLRL().adapt(torch.zeros(1, 2), torch.zeros(1))
 
 
 def test_short_training_improves_the_adapted_return():

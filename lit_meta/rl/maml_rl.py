@@ -353,6 +353,16 @@ class MAMLRL(MetaLearner):
                 params = {k: v.detach() for k, v in params.items()}
         return values
 
+    def adapt(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Not available: a policy adapts to a task from its own trajectories, not from a labelled support set."""
+        raise ConfigError(
+            f"{type(self).__name__} adapts from trajectories it collects itself, not from a support set: evaluate it "
+            "with validate/test (task_metrics gives the returns before and after each adaptation step)"
+        )
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.adapt()
+
     def meta_loss(self, batch: NavigationTasks) -> Tensor:  # type: ignore[override]
         """The surrogate of a fresh meta-iteration at the current parameters (differentiable, second order)."""
         support, query = self.collect(batch)
