@@ -101,7 +101,8 @@ class MetaCheckpoint(ModelCheckpoint):
     """``last.ckpt`` and the best checkpoint on the datamodule's validation metric, and nothing lost on interruption.
 
     The monitored metric follows the datamodule: ``val/acc`` (higher is better) for classification, ``val/mse``
-    (lower) for regression. The command line adds this callback to every run.
+    (lower) for regression, or the datamodule's own ``validation_metric = (name, "min" | "max")`` where it has one
+    (the return of the reinforcement-learning tasks). The command line adds this callback to every run.
 
     **last.ckpt follows the run.** Lightning's ``save_last`` writes ``last.ckpt`` only with a new top-k checkpoint,
     so after an epoch whose validation did not improve it still held an older epoch and a resume from it lost the
@@ -140,9 +141,11 @@ class MetaCheckpoint(ModelCheckpoint):
         if self.monitor is None:
             dm = trainer.datamodule
             regression = getattr(dm, "task_type", "classification") == "regression"
-            self.monitor = "val/mse" if regression else "val/acc"
-            self.mode = "min" if regression else "max"
-            self.kth_value = torch.tensor(float("inf") if regression else float("-inf"))
+            # A datamodule may name its own (metric, "min" | "max"), e.g. the return of reinforcement learning.
+            self.monitor, self.mode = getattr(dm, "validation_metric", None) or (
+                ("val/mse", "min") if regression else ("val/acc", "max")
+            )
+            self.kth_value = torch.tensor(float("inf") if self.mode == "min" else float("-inf"))
             self.filename = "best-{epoch}-{step}"
             self.auto_insert_metric_name = False
         super().setup(trainer, pl_module, stage)
