@@ -224,8 +224,8 @@ class Pretrain(EmbeddingMetaLearner):
         logistic_max_iter: L-BFGS iterations at most.
         finetune_epochs, finetune_batch_size, finetune_lr: the fine-tuned head's SGD schedule (100, 4, 0.01).
         base_mean_batch_size: images per forward pass when computing the base-class mean feature.
-        val_base_mean_images: validation during a fit estimates the base-class mean from this many training images
-            (evenly spaced over the classes), as the exact mean costs a pass over the whole training split at every
+        val_base_mean_images: validation estimates the base-class mean from this many training images (evenly
+            spaced over the classes), as the exact mean costs a pass over the whole training split at every
             validation; ``None``: all. Test always uses every training image.
         normalization: the evaluation protocol of the normalization layers; ``"running"`` (the statistics
             accumulated in pre-training, as ``model.eval()``) by default.
@@ -399,8 +399,7 @@ class Pretrain(EmbeddingMetaLearner):
 
     def on_validation_start(self) -> None:
         super().on_validation_start()
-        fitting = getattr(self.trainer.state, "fn", None) == "fit"
-        self._refresh_base_mean(self.val_base_mean_images if fitting else None, always=not fitting)
+        self._refresh_base_mean(self.val_base_mean_images)
 
     def on_test_start(self) -> None:
         super().on_test_start()
