@@ -324,3 +324,33 @@ def test_pretrain_on_omniglot_learns_a_few_shot_embedding(omniglot_root, tmp_pat
     cpu_trainer(max_steps=2, limit_val_batches=0, callbacks=[Capture()]).fit(meta, episodic)
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(captured[key], value), key
+
+
+# --------------------------------------------------------------------------------------------------- configs
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "omniglot_pretrain_simpleshot_5w1s": (Pretrain, 5, "nearest_centroid", "cl2"),
+    "omniglot_pretrain_simpleshot_20w1s": (Pretrain, 20, "nearest_centroid", "cl2"),
+    "omniglot_pretrain_logreg_5w1s": (Pretrain, 5, "logistic_regression", "l2"),
+    "omniglot_baselinepp_5w1s": (Pretrain, 5, "finetune_head", "none"),
+    "omniglot_metabaseline_5w1s": (MetaBaseline, 5, None, None),
+    "omniglot_metabaseline_20w1s": (MetaBaseline, 20, None, None),
+    "miniimagenet_rfs_resnet12": (Pretrain, 5, "logistic_regression", "l2"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_config_builds_and_names_its_protocol(name):
+    from lit_meta.cli import MetaCLI
+
+    path = REPO / "configs" / f"{name}.yaml"
+    text = path.read_text()
+    assert "Published" in text and "Deviations:" in text
+    cls, ways, evaluator, transform = CONFIGS[name]
+    cli = MetaCLI(args=["--config", str(path), "--trainer.logger", "false"], run=False)
+    model, data = cli.model, cli.datamodule
+    assert type(model) is cls and data.ways == ways and model.normalization == "running"
+    if cls is Pretrain:
+        assert data.train_mode == "batches" and (model.evaluator, model.feature_transform) == (evaluator, transform)
+    else:
+        assert data.train_mode == "episodes" and model.init_from and model.tau == pytest.approx(10.0)
