@@ -222,7 +222,7 @@ def test_init_from_loads_exactly_the_backbone(tmp_path):
     path = checkpoint_of(source, tmp_path / "pre.ckpt")
     model = MetaBaseline(Conv4(in_channels=1, hidden=8, out_features=None, image_size=4, blocks=1, embedding="mean"), init_from=path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.setup("fit")
+    model.on_fit_start()
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, source.backbone.state_dict()[key]), key
     assert torch.equal(model.temperature.log_value, before["temperature.log_value"])  # nothing else is touched
@@ -233,15 +233,37 @@ def test_init_from_refuses_a_mismatched_or_missing_checkpoint(tmp_path):
     path = checkpoint_of(tiny_pretrain(), tmp_path / "pre.ckpt")
     wider = ProtoNet(Conv4(in_channels=1, hidden=16, out_features=None, image_size=4, blocks=1), init_from=path)
     with pytest.raises(ConfigError, match="does not match") as err:
-        wider.setup("fit")
+        wider.on_fit_start()
     assert "\n" not in str(err.value)
     deeper = ProtoNet(Conv4(in_channels=1, hidden=8, out_features=None, image_size=4, blocks=2), init_from=path)
     with pytest.raises(ConfigError, match="lacks features.1") as err:
-        deeper.setup("fit")
+        deeper.on_fit_start()
     missing = ProtoNet(Conv4(in_channels=1, hidden=8, out_features=None, image_size=4, blocks=1), init_from=str(tmp_path / "nope.ckpt"))
     with pytest.raises(ConfigError, match="init_from: checkpoint .* does not exist") as err:
-        missing.setup("fit")
+        missing.on_fit_start()
     assert "\n" not in str(err.value)
+
+
+def test_a_resumed_fit_takes_its_weights_from_its_own_checkpoint(tmp_path):
+    def model(init_from=None):
+        return ProtoNet(Conv4(in_channels=1, hidden=8, out_features=None, image_size=4, blocks=1), init_from=init_from)
+
+    first = cpu_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path)
+    first.fit(model(), TinyImages(ways=3, queries=1, train_batches=4))
+    path = tmp_path / "step2.ckpt"
+    first.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    resumed = model(init_from=str(tmp_path / "gone.ckpt"))  # would fail if it were read
+
+    class Capture(__import__("lightning.pytorch").pytorch.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    capture = Capture()
+    cpu_trainer(max_steps=3, limit_val_batches=0, callbacks=[capture]).fit(
+        resumed, TinyImages(ways=3, queries=1, train_batches=4), ckpt_path=path
+    )
+    assert all(torch.equal(capture.state[k], v) for k, v in saved.items())
 
 
 # ----------------------------------------------------------------------------------------- bad options

@@ -85,8 +85,8 @@ class MetaLearner(pl.LightningModule):
             images of the call. ``"transductive"`` must be asked for.
         init_from: a lit_meta checkpoint whose backbone weights (parameters and normalization statistics) this
             model starts ``fit`` from, e.g. a pre-trained network (:class:`~lit_meta.algorithms.pretrain.Pretrain`)
-            that an episodic method fine-tunes. Read when a fit starts without ``--ckpt_path``; a resumed fit
-            takes every weight from its own checkpoint.
+            that an episodic method fine-tunes. Read when a fit starts (``on_fit_start``) without ``--ckpt_path``;
+            a resumed fit takes every weight from its own checkpoint.
     """
 
     #: What the training loader must serve (the datamodule's ``train_mode``): ``"episodes"`` or ``"batches"``.
@@ -449,6 +449,10 @@ class MetaLearner(pl.LightningModule):
         self.input_format = self._datamodule_format("train") or self.input_format
         self._check_train_mode()
         self._check_ways("train")
+        # Here rather than in setup(): only now does the trainer know whether the fit resumes a --ckpt_path, whose
+        # weights (already restored) a resumed run keeps. Copying in place leaves the optimizer's references valid.
+        if self.init_from is not None and getattr(self._trainer, "ckpt_path", None) is None:
+            self.load_backbone(self.init_from)
 
     def _check_train_mode(self) -> None:
         datamodule = self._datamodule()
@@ -458,12 +462,6 @@ class MetaLearner(pl.LightningModule):
                 f"{type(self).__name__} trains on {self.train_mode}, but the datamodule's train_mode is {given!r}: set "
                 f"the datamodule's train_mode: {self.train_mode}"
             )
-
-    def setup(self, stage: str) -> None:
-        # Before the trainer restores a --ckpt_path (which then overrides these weights) and before the optimizer
-        # is built: a fresh fit starts from init_from's backbone.
-        if stage == "fit" and self.init_from is not None and getattr(self._trainer, "ckpt_path", None) is None:
-            self.load_backbone(self.init_from)
 
     def load_backbone(self, path: str) -> None:
         """Copy the backbone weights (parameters and buffers) of the lit_meta checkpoint at ``path`` into this model.
@@ -497,7 +495,9 @@ class MetaLearner(pl.LightningModule):
                 f"init_from: the backbone of {path} does not match this model's{built}: {what}; build the backbone "
                 "with the same class and arguments as that checkpoint's"
             )
-        self.backbone.load_state_dict({k: state[k].to(own[k].dtype) for k in own})
+        with torch.no_grad():
+            for key, value in own.items():
+                value.copy_(state[key])
 
     def _check_input_format(self, split: str) -> None:
         if self.input_format is None or getattr(self._trainer, "state", None) is None or self.trainer.state.fn == "fit":
