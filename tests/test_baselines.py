@@ -88,6 +88,24 @@ def test_batches_shard_over_ranks_and_resume_exactly_mid_epoch():
     assert [b.y.tolist() for b in loader] == whole[1]
 
 
+def test_pretrain_resumes_mid_epoch_exactly(tmp_path):
+    import lightning.pytorch as pl
+
+    def run(steps, ckpt_path=None):
+        pl.seed_everything(0)
+        model = tiny_pretrain(label_smoothing=0.1)
+        trainer = cpu_trainer(max_steps=steps, limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(model, TinyImages(train_mode="batches", batch_size=4, seed=5), ckpt_path=ckpt_path)
+        return model, trainer
+
+    whole, _ = run(11)  # an epoch is 8 batches of 4 (32 images): this crosses into the second epoch
+    _, first = run(5)
+    first.save_checkpoint(tmp_path / "step5.ckpt")
+    resumed, _ = run(11, ckpt_path=tmp_path / "step5.ckpt")
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_batches_are_floats_on_the_device_and_episodes_stay_for_evaluation():
     dm = TinyImages(train_mode="batches", batch_size=5, ways=3, shots=1, queries=2, val_episodes=4)
     dm.setup("fit")
