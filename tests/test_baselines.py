@@ -344,10 +344,10 @@ def test_pretrain_on_omniglot_learns_a_few_shot_embedding(omniglot_root, tmp_pat
     backbone = Conv4(in_channels=1, hidden=32, out_features=None, pool="max", fused_norm=True)
     model = Pretrain(backbone, evaluator="nearest_centroid", feature_transform="cl2", val_base_mean_images=2000)
     before = cpu_trainer(limit_val_batches=2).validate(model, dm)[0]["val/acc"]
-    trainer = cpu_trainer(max_steps=250, limit_val_batches=2, check_val_every_n_epoch=1000, default_root_dir=tmp_path)
+    trainer = cpu_trainer(max_steps=200, limit_val_batches=2, check_val_every_n_epoch=1000, default_root_dir=tmp_path)
     trainer.fit(model, dm)
     after = trainer.validate(model, dm)[0]["val/acc"]
-    assert int(model.base_mean_step) == 250 and model.hparams["num_classes"] == dm.num_classes("train")
+    assert int(model.base_mean_step) == 200 and model.hparams["num_classes"] == dm.num_classes("train")
     assert after > 0.7 and after > before + 0.15, (before, after)
 
     # Meta-Baseline starts from the pre-trained backbone of a lit_meta checkpoint and trains on episodes.
