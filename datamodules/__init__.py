@@ -1,4 +1,5 @@
-"""Episodic LightningDataModules for few-shot learning; every one yields :class:`TaskBatch`."""
+"""Episodic LightningDataModules for few-shot learning: every one yields :class:`TaskBatch` es, and the image ones
+also mini-batches of labelled examples (:class:`ExampleBatch`, ``train_mode: batches``)."""
 
 from datamodules.base import EpisodeShape, EpisodicDataModule
 from datamodules.cifar import CIFARFSDataModule, FC100DataModule
@@ -8,12 +9,13 @@ from datamodules.images import ClassImageDataModule
 from datamodules.mini_imagenet import MiniImageNetDataModule
 from datamodules.omniglot import OmniglotDataModule
 from datamodules.predict_folder import InputFormat, PredictFolderDataModule
-from datamodules.sampler import EpisodeLoader, episode_generator, episode_seed
+from datamodules.sampler import BatchLoader, EpisodeLoader, episode_generator, episode_seed
 from datamodules.sinusoid import SinusoidDataModule
 from datamodules.store import ClassStore
-from datamodules.task_batch import TaskBatch
+from datamodules.task_batch import ExampleBatch, TaskBatch
 
 __all__ = [
+    "BatchLoader",
     "CIFARFSDataModule",
     "ClassImageDataModule",
     "ClassStore",
@@ -22,6 +24,7 @@ __all__ = [
     "EpisodeLoader",
     "EpisodeShape",
     "EpisodicDataModule",
+    "ExampleBatch",
     "FC100DataModule",
     "InputFormat",
     "ImageFolderDataModule",

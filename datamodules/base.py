@@ -1,4 +1,10 @@
-"""The episodic LightningDataModule that every dataset subclasses."""
+"""The episodic LightningDataModule that every dataset subclasses.
+
+Training data comes in one of two forms (``train_mode``): N-way K-shot episodes (the default), or ordinary
+mini-batches of labelled examples over the union of the training classes (``batches``), for the transfer-learning
+baselines that pre-train a classifier on all base classes (:class:`~lit_meta.algorithms.pretrain.Pretrain`).
+Validation and test are the fixed few-shot episodes in both, so checkpoints are chosen on few-shot accuracy.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,12 @@ import lightning.pytorch as pl
 import torch
 
 from datamodules.errors import ConfigError, require_positive
-from datamodules.sampler import STREAMS, EpisodeLoader, Task
-from datamodules.task_batch import TaskBatch
+from datamodules.sampler import STREAMS, BatchLoader, EpisodeLoader, Task
+from datamodules.task_batch import ExampleBatch, TaskBatch
 
+
+#: What the training loader serves: episodes, or mini-batches of labelled examples over all training classes.
+TRAIN_MODES = ("episodes", "batches")
 
 #: The evaluation splits each Lightning stage runs (fit validates).
 EVALUATION_SPLITS = {"fit": ("val",), "validate": ("val",), "test": ("test",), "predict": ()}
@@ -45,6 +54,10 @@ class EpisodicDataModule(pl.LightningDataModule):
         train_ways, train_shots, train_queries: the training episodes' shape where it differs from evaluation
             (e.g. 60-way training for Prototypical Networks); ``None`` means the same as evaluation.
         seed: seeds every episode (see :mod:`datamodules.sampler`).
+        train_mode: ``"episodes"`` (the default) or ``"batches"``: mini-batches of ``batch_size`` labelled
+            examples, an epoch being one permutation of every training example (``train_batches`` and the episode
+            settings then apply to validation and test only); labels index the union of the training classes.
+        batch_size: examples per training batch with ``train_mode: batches`` (per rank under DDP).
     """
 
     #: ``"classification"`` or ``"regression"``: decides the metric the best checkpoint is chosen on.
@@ -64,8 +77,13 @@ class EpisodicDataModule(pl.LightningDataModule):
         train_shots: int | None = None,
         train_queries: int | None = None,
         seed: int = 0,
+        train_mode: str = "episodes",
+        batch_size: int = 64,
     ) -> None:
         super().__init__()
+        if train_mode not in TRAIN_MODES:
+            raise ConfigError(f"train_mode must be one of {', '.join(TRAIN_MODES)}, got {train_mode!r}")
+        require_positive(batch_size=batch_size)
         require_positive(
             ways=ways,
             shots=shots,
@@ -89,7 +107,9 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.train_shots = train_shots or shots
         self.train_queries = train_queries or queries
         self.seed = seed
-        self._train_loader: EpisodeLoader | None = None
+        self.train_mode = train_mode
+        self.batch_size = batch_size
+        self._train_loader: EpisodeLoader | BatchLoader | None = None
         self._restored_train_stream: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------------------- subclass API
@@ -114,6 +134,15 @@ class EpisodicDataModule(pl.LightningDataModule):
     def class_sizes(self, split: str) -> dict[str, int] | None:
         """Examples per class name in ``split``, to check ``shots + queries`` (``None`` to skip the check)."""
         return None
+
+    def num_examples(self, split: str) -> int | None:
+        """Labelled examples in ``split`` for ``train_mode: batches`` (``None``: the dataset has no such examples)."""
+        return None
+
+    def examples(self, split: str, index: torch.Tensor) -> ExampleBatch:
+        """The examples of ``split`` at ``index`` (``long [B]``, in ``range(num_examples(split))``), labelled with
+        their class's index among the split's classes."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------- episodes
     def shape(self, split: str) -> EpisodeShape:
@@ -210,8 +239,24 @@ class EpisodicDataModule(pl.LightningDataModule):
             sample_batch=sample_batch,
         )
 
-    def train_dataloader(self) -> EpisodeLoader:
-        loader = self.episode_loader("train")
+    def batch_loader(self, split: str = "train") -> BatchLoader:
+        """Mini-batches of ``batch_size`` labelled examples of ``split``, a new permutation of all of them per epoch."""
+        total = self.num_examples(split)
+        if not total:
+            raise ConfigError(
+                f"{type(self).__name__} has no labelled examples to serve in batches: use train_mode: episodes"
+            )
+        rank, world_size = self._rank()
+
+        def take(index: torch.Tensor) -> ExampleBatch:
+            return self.examples(split, index)
+
+        return BatchLoader(
+            take, num_examples=total, batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world_size
+        )
+
+    def train_dataloader(self) -> EpisodeLoader | BatchLoader:
+        loader = self.batch_loader("train") if self.train_mode == "batches" else self.episode_loader("train")
         if self._restored_train_stream is not None:
             loader.load_state_dict(self._restored_train_stream)
             self._restored_train_stream = None
@@ -238,7 +283,7 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     # -------------------------------------------------------------------------------------------- device side
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if not isinstance(batch, TaskBatch):
+        if not isinstance(batch, (TaskBatch, ExampleBatch)):
             return batch
         prepared = self.prepare_batch(batch)
         trainer = getattr(self, "trainer", None)
@@ -248,8 +293,12 @@ class EpisodicDataModule(pl.LightningDataModule):
             prepared = trainer.precision_plugin.convert_input(prepared)
         return prepared
 
-    def prepare_batch(self, batch: TaskBatch) -> TaskBatch:
+    def prepare_batch(self, batch: TaskBatch | ExampleBatch) -> TaskBatch | ExampleBatch:
         """Turn ``uint8`` images into float in ``[0, 1]`` on the batch's device (identity for float inputs)."""
+        if isinstance(batch, ExampleBatch):
+            if batch.x.dtype != torch.uint8:
+                return batch
+            return ExampleBatch(batch.x.float().div_(255.0), batch.y)
         if batch.support_x.dtype != torch.uint8:
             return batch
         return TaskBatch(

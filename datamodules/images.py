@@ -13,7 +13,7 @@ from datamodules.errors import ConfigError
 from datamodules.files import FileTree, decode_images
 from datamodules.sampler import Task
 from datamodules.store import ClassStore, cache_dir, load_or_build
-from datamodules.task_batch import TaskBatch
+from datamodules.task_batch import ExampleBatch, TaskBatch
 
 SPLITS = ("train", "val", "test")
 
@@ -37,7 +37,7 @@ class ClassImageDataModule(EpisodicDataModule):
             trainer's device); ``None`` keeps them in CPU memory, memory-mapped from the cache.
         **kwargs: the episode settings of :class:`~datamodules.base.EpisodicDataModule` (ways, shots, queries,
             meta_batch_size, train_batches, val_episodes, test_episodes, eval_meta_batch_size, train_ways,
-            train_shots, train_queries, seed).
+            train_shots, train_queries, seed, train_mode, batch_size).
     """
 
     def __init__(
@@ -148,6 +148,12 @@ class ClassImageDataModule(EpisodicDataModule):
 
     def class_sizes(self, split: str) -> dict[str, int] | None:
         return self.store(split).class_sizes()
+
+    def num_examples(self, split: str) -> int | None:
+        return self.store(split).num_images
+
+    def examples(self, split: str, index: torch.Tensor) -> ExampleBatch:
+        return ExampleBatch(*self.store(split).examples(index))
 
     def sample_tasks(self, split: str, generators: list[torch.Generator]) -> TaskBatch:
         shape = self.shape(split)

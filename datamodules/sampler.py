@@ -1,10 +1,14 @@
-"""Counter-based episode sampling.
+"""Counter-based episode sampling, and the same for mini-batches of labelled examples.
 
 Task ``i`` of epoch ``e`` on rank ``r`` is drawn from a generator seeded by ``(seed, stream, r, e, i)``. The whole
 state of a training stream is then ``(epoch, position)``, identical in form on every rank, so a checkpoint written by
 rank 0 and loaded by every rank restores each rank's own stream exactly. Evaluation streams are fixed: episode ``i`` is
 seeded by ``(seed, stream, i)`` alone and ranks take disjoint shards, so every evaluation sees the same episodes no
 matter the world size.
+
+Non-episodic training (:class:`BatchLoader`) follows the same pattern: epoch ``e`` is the permutation of all training
+examples drawn from a generator seeded by ``(seed, stream, e)``, shared out over the ranks, so its state is again
+``(epoch, position)``.
 """
 
 from __future__ import annotations
@@ -17,14 +21,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from datamodules.task_batch import TaskBatch
+from datamodules.task_batch import ExampleBatch, TaskBatch
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]
 TaskSampler = Callable[[torch.Generator], Task]
 BatchSampler = Callable[[list[torch.Generator]], TaskBatch]
 
 # Stream ids keep the splits' episodes independent even under one seed.
-STREAMS = {"train": 1, "val": 2, "test": 3, "predict": 4}
+STREAMS = {"train": 1, "val": 2, "test": 3, "predict": 4, "batches": 5}
 
 
 def episode_seed(*keys: int) -> int:
@@ -130,4 +134,91 @@ class EpisodeLoader:
         self.position = int(state["position"])
         self._started = bool(state["started"])
         # A finished pass resumes as "start the next epoch"; an unfinished one continues.
+        self._resume = self._started and self.position < self.num_batches
+
+
+class BatchLoader:
+    """A sized, stateful iterable of :class:`ExampleBatch` es: every epoch one permutation of all examples.
+
+    Epoch ``e`` orders the ``num_examples`` examples by a permutation drawn from a generator seeded by
+    ``(seed, stream, e)`` alone; rank ``r`` of ``world_size`` takes positions ``r, r + world_size, ...`` of it
+    (the permutation is extended by its own first entries to a multiple of ``world_size``, so that every rank takes
+    as many steps), in batches of ``batch_size`` (the last one smaller). On one process an epoch therefore hands out
+    every example exactly once. The state is ``(epoch, position)``, as for :class:`EpisodeLoader`.
+
+    Args:
+        take: returns the batch of the given example indices (``long [B]``).
+        num_examples: examples in the split.
+        batch_size: examples per batch on each rank.
+        seed: the run's seed.
+        stream: keeps this stream independent of the episode streams (see :data:`STREAMS`).
+        rank, world_size: this process's place in distributed training.
+    """
+
+    def __init__(
+        self,
+        take: Callable[[Tensor], ExampleBatch],
+        *,
+        num_examples: int,
+        batch_size: int,
+        seed: int,
+        stream: int = STREAMS["batches"],
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if num_examples <= 0 or batch_size <= 0:
+            raise ValueError(f"num_examples and batch_size must be positive, got {num_examples} and {batch_size}")
+        self.take = take
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.stream = stream
+        self.rank = rank
+        self.world_size = world_size
+        self.per_rank = math.ceil(num_examples / world_size)
+        self.num_batches = math.ceil(self.per_rank / batch_size)
+        self.epoch = 0
+        self.position = 0
+        self._started = False
+        self._resume = False
+        self._order: tuple[int, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def order(self, epoch: int | None = None) -> Tensor:
+        """This rank's example indices of ``epoch`` (default: the current one), in the order they are handed out."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._order is None or self._order[0] != epoch:
+            perm = torch.randperm(self.num_examples, generator=episode_generator(self.seed, self.stream, epoch))
+            padded = self.per_rank * self.world_size
+            if padded > self.num_examples:
+                perm = torch.cat([perm, perm[: padded - self.num_examples]])
+            self._order = (epoch, perm[self.rank :: self.world_size])
+        return self._order[1]
+
+    def batch(self, index: int) -> ExampleBatch:
+        """Batch ``index`` of the current epoch."""
+        return self.take(self.order()[index * self.batch_size : (index + 1) * self.batch_size])
+
+    def __iter__(self) -> Iterator[ExampleBatch]:
+        if self._resume:
+            self._resume = False
+        else:
+            if self._started:
+                self.epoch += 1
+            self.position = 0
+        self._started = True
+        while self.position < self.num_batches:
+            index = self.position
+            self.position += 1
+            yield self.batch(index)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "started": self._started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._started = bool(state["started"])
         self._resume = self._started and self.position < self.num_batches

@@ -177,6 +177,25 @@ class ClassStore:
         names = [f"{name}/rot{90 * k}" for k in range(turns) for name in base.names]
         return ClassStore(images, base.counts.repeat(turns), names)
 
+    @property
+    def num_images(self) -> int:
+        """Images in this store's classes."""
+        return int(self.counts.sum())
+
+    def examples(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """``(images uint8 [B, C, H, W], labels long [B])`` of examples ``index`` (``long [B]``).
+
+        Example ``i`` is the ``i``-th image when the classes are laid end to end in order (``range(num_images)``);
+        its label is its class's index in this store.
+        """
+        if not hasattr(self, "_example_rows"):
+            # Built once: a select()ed store's classes need not be contiguous in the shared tensor.
+            self._example_rows = self._rows()
+            self._example_labels = torch.repeat_interleave(torch.arange(self.num_classes), self.counts)
+        index = torch.as_tensor(index, dtype=torch.long)
+        rows = self._example_rows[index].to(self.images.device, non_blocking=True)
+        return self.images.index_select(0, rows), self._example_labels[index].to(self.images.device)
+
     def take(self, index: Tensor) -> Tensor:
         """Images at ``index`` (``long [T, ...]``, rows of :attr:`images`) as ``uint8 [T, prod(...), C, H, W]``."""
         flat = index.reshape(-1).to(self.images.device, non_blocking=True)

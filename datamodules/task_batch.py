@@ -73,3 +73,28 @@ class TaskBatch:
     def cat(batches: Sequence["TaskBatch"]) -> "TaskBatch":
         """Concatenate meta-batches along the task dimension."""
         return TaskBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(TaskBatch)))
+
+
+@dataclass
+class ExampleBatch:
+    """A mini-batch of labelled examples, for non-episodic training (``train_mode: batches``).
+
+    Attributes:
+        x: ``[B, ...]`` inputs (images may be ``uint8``, turned into float on the device like a :class:`TaskBatch`).
+        y: ``[B]`` class labels, indices into the union of the split's classes.
+    """
+
+    x: Tensor
+    y: Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(f"ExampleBatch has {self.x.shape[0]} inputs but {self.y.shape[0]} labels")
+
+    @property
+    def num_examples(self) -> int:
+        """``B``, the number of examples."""
+        return self.x.shape[0]
+
+    def to(self, *args, **kwargs) -> "ExampleBatch":
+        return ExampleBatch(self.x.to(*args, **kwargs), self.y.to(*args, **kwargs))

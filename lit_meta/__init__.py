@@ -3,7 +3,19 @@
 from datamodules.errors import ConfigError, DataError, LitMetaError
 from datamodules.task_batch import TaskBatch
 from lit_meta.allocator import tune_cpu_allocator
-from lit_meta.algorithms import ANIL, IMAML, MAML, MatchingNet, MetaBGD, MetaLearner, MetaSGD, ProtoNet, Reptile
+from lit_meta.algorithms import (
+    ANIL,
+    IMAML,
+    MAML,
+    MatchingNet,
+    MetaBaseline,
+    MetaBGD,
+    MetaLearner,
+    MetaSGD,
+    Pretrain,
+    ProtoNet,
+    Reptile,
+)
 from lit_meta.backbones import BatchStatNorm, Conv4, ResNet12, SinusoidMLP
 from lit_meta.metrics import MeanConfidenceInterval
 from lit_meta.prediction import AdaptedModel, PredictionWriter, load_model
@@ -16,6 +28,7 @@ __all__ = [
     "IMAML",
     "MAML",
     "MatchingNet",
+    "MetaBaseline",
     "MetaBGD",
     "BatchStatNorm",
     "ConfigError",
@@ -26,6 +39,7 @@ __all__ = [
     "MetaLearner",
     "MetaSGD",
     "PredictionWriter",
+    "Pretrain",
     "ProtoNet",
     "Reptile",
     "ResNet12",

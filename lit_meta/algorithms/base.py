@@ -83,7 +83,14 @@ class MetaLearner(pl.LightningModule):
         predict_normalization: the protocol of :meth:`adapt` and ``predict``; ``None``: ``normalization`` where it
             is not transductive, else ``"support"``, so that an image's prediction never depends on the other
             images of the call. ``"transductive"`` must be asked for.
+        init_from: a lit_meta checkpoint whose backbone weights (parameters and normalization statistics) this
+            model starts ``fit`` from, e.g. a pre-trained network (:class:`~lit_meta.algorithms.pretrain.Pretrain`)
+            that an episodic method fine-tunes. Read when a fit starts (``on_fit_start``) without ``--ckpt_path``;
+            a resumed fit takes every weight from its own checkpoint.
     """
+
+    #: What the training loader must serve (the datamodule's ``train_mode``): ``"episodes"`` or ``"batches"``.
+    train_mode = "episodes"
 
     def __init__(
         self,
@@ -97,6 +104,7 @@ class MetaLearner(pl.LightningModule):
         inner_loop_fp32: bool = False,
         normalization: str = "transductive",
         predict_normalization: str | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if backbone is None:
@@ -125,6 +133,9 @@ class MetaLearner(pl.LightningModule):
         self.inner_loop_fp32 = inner_loop_fp32
         self.normalization = check_protocol(normalization)
         self.predict_normalization = None if predict_normalization is None else check_protocol(predict_normalization)
+        if init_from is not None and not isinstance(init_from, str):
+            raise ConfigError(f"init_from must be the path of a lit_meta checkpoint, got {init_from!r}")
+        self.init_from = init_from
         self._eval_metrics: dict[str, MeanConfidenceInterval] = {}
         self.skipped_steps = 0
         # What the inputs look like (channels, size, inversion, value range): taken from the training datamodule,
@@ -245,6 +256,11 @@ class MetaLearner(pl.LightningModule):
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         self._require_grad_mode()
+        if not isinstance(batch, TaskBatch):
+            raise ConfigError(
+                f"{type(self).__name__} trains on episodes, but the training loader gave {type(batch).__name__}: set "
+                "the datamodule's train_mode: episodes"
+            )
         opt = self.optimizers()
         opt.zero_grad()
         chunks = batch.chunks(self.chunk_size) if self.chunk_size else [batch]
@@ -259,6 +275,16 @@ class MetaLearner(pl.LightningModule):
                 self.manual_backward(loss)
             total = total + loss.detach()
             metric_values.append(self._per_task(task_metric, predictions.detach(), chunk.query_y))
+        self.optimizer_step_with_statistics(opt, statistics)
+        name = self.metric_name(batch)
+        self.log("train/loss", total, prog_bar=True, batch_size=batch.num_tasks)
+        self.log(f"train/{name}", torch.cat(metric_values).mean(), prog_bar=True, batch_size=batch.num_tasks)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch.num_tasks)
+        return total
+
+    def optimizer_step_with_statistics(self, opt: Any, statistics: Recording) -> None:
+        """Step ``opt`` on the accumulated gradients (skipping a non-finite step), step a per-step scheduler, and
+        fold the step's recorded normalization ``statistics`` into the running averages."""
         finite = self._gradients_finite()
         if not finite:
             # Drop the gradients but still take the step: optimizers leave parameters without a gradient (and their
@@ -278,11 +304,6 @@ class MetaLearner(pl.LightningModule):
         if self.scheduler_interval == "step":
             self._step_scheduler()
         update_running_statistics(statistics.modules, statistics.tensors, reduce=self._mean_over_processes)
-        name = self.metric_name(batch)
-        self.log("train/loss", total, prog_bar=True, batch_size=batch.num_tasks)
-        self.log(f"train/{name}", torch.cat(metric_values).mean(), prog_bar=True, batch_size=batch.num_tasks)
-        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch.num_tasks)
-        return total
 
     def _mean_over_processes(self, value: Tensor) -> Tensor | None:
         trainer = self._trainer
@@ -426,7 +447,57 @@ class MetaLearner(pl.LightningModule):
     def on_fit_start(self) -> None:
         # Record the training data's format (a fit that resumes from, or fine-tunes, a checkpoint updates it).
         self.input_format = self._datamodule_format("train") or self.input_format
+        self._check_train_mode()
         self._check_ways("train")
+        # Here rather than in setup(): only now does the trainer know whether the fit resumes a --ckpt_path, whose
+        # weights (already restored) a resumed run keeps. Copying in place leaves the optimizer's references valid.
+        if self.init_from is not None and getattr(self._trainer, "ckpt_path", None) is None:
+            self.load_backbone(self.init_from)
+
+    def _check_train_mode(self) -> None:
+        datamodule = self._datamodule()
+        given = getattr(datamodule, "train_mode", "episodes")
+        if datamodule is not None and given != self.train_mode:
+            raise ConfigError(
+                f"{type(self).__name__} trains on {self.train_mode}, but the datamodule's train_mode is {given!r}: set "
+                f"the datamodule's train_mode: {self.train_mode}"
+            )
+
+    def load_backbone(self, path: str) -> None:
+        """Copy the backbone weights (parameters and buffers) of the lit_meta checkpoint at ``path`` into this model.
+
+        Raises:
+            ConfigError: the file is missing or unreadable, holds no backbone, or its backbone's entries or shapes
+                differ from this model's (one line, naming the first difference).
+        """
+        try:
+            checkpoint = read_checkpoint(path)
+        except LitMetaError as err:
+            raise ConfigError(f"init_from: {err}") from None
+        prefix = "backbone."
+        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        if not state:
+            raise ConfigError(f"init_from: checkpoint {path} holds no backbone weights; give a lit_meta checkpoint")
+        own = self.backbone.state_dict()
+        theirs = ((checkpoint.get("hyper_parameters") or {}).get("backbone") or {}).get("class_path")
+        ours = (self.hparams.get("backbone") or {}).get("class_path")
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+        if missing or unexpected or shapes:
+            if shapes:
+                what = f"{shapes[0]} is {list(state[shapes[0]].shape)} there, {list(own[shapes[0]].shape)} here"
+            elif missing:
+                what = f"it lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            else:
+                what = f"it has {unexpected[0]}, which this backbone lacks"
+            built = f" (its backbone is {theirs}, this one {ours})" if theirs and ours and theirs != ours else ""
+            raise ConfigError(
+                f"init_from: the backbone of {path} does not match this model's{built}: {what}; build the backbone "
+                "with the same class and arguments as that checkpoint's"
+            )
+        with torch.no_grad():
+            for key, value in own.items():
+                value.copy_(state[key])
 
     def _check_input_format(self, split: str) -> None:
         if self.input_format is None or getattr(self._trainer, "state", None) is None or self.trainer.state.fn == "fit":
