@@ -14,6 +14,7 @@ has passed.
 
 from __future__ import annotations
 
+import abc
 import warnings
 from typing import Any
 
@@ -26,7 +27,7 @@ from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 CONTROL_COST = 0.05
 
 
-class HalfCheetahTaskWrapper(gymnasium.Wrapper):
+class HalfCheetahTaskWrapper(gymnasium.Wrapper, abc.ABC):
     """``HalfCheetah-v5`` with a task's reward (subclasses define :meth:`task_reward`).
 
     Args:
@@ -43,9 +44,9 @@ class HalfCheetahTaskWrapper(gymnasium.Wrapper):
         """The task of the following steps."""
         self.goal = float(goal)
 
+    @abc.abstractmethod
     def task_reward(self, forward_velocity: float) -> float:
         """The task's running reward of a step with this forward velocity (before the control cost)."""
-        raise NotImplementedError
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         # rllab's normalize clipped the policy's action to the box before the simulator and the control cost saw it.
