@@ -32,6 +32,11 @@ baseline of Finn et al.), and ``oracle: true`` gives the policy the goal as an e
 "random" baseline is an untrained policy evaluated the same way (``test`` without a checkpoint). Evaluation reports,
 for each fixed test task, the average return before adaptation and after 1..``eval_inner_steps`` policy-gradient
 steps (``return_k``), each step on new trajectories of the policy of the step before.
+
+The same algorithm trains on the HalfCheetah goal-velocity and goal-direction tasks (``environment``, see
+:mod:`lit_meta.rl.locomotion`): their trajectories come from MuJoCo environments stepped together
+(:mod:`lit_meta.rl.vector_env`, optionally in ``num_workers`` processes) instead of the navigation tasks' torch
+dynamics; everything after the rollouts (baselines, inner steps, the TRPO step, evaluation) is shared.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from datamodules.errors import ConfigError, require_positive
 from datamodules.sampler import episode_generator
 from lit_meta.algorithms.base import MetaLearner
 from lit_meta.rl.baseline import advantages
-from lit_meta.rl.datamodule import NavigationTasks
+from lit_meta.rl.datamodule import ENVIRONMENTS, NavigationTasks
+from lit_meta.rl.locomotion import HalfCheetahTasks, require_gymnasium
 from lit_meta.rl.navigation import Navigation2D
 from lit_meta.rl.policy import GaussianMLPPolicy, gaussian_kl, gaussian_log_prob, policy_forward
 from lit_meta.rl.rollouts import Trajectories, sample_trajectories
@@ -72,11 +78,11 @@ _UNUSED_BASE_ARGUMENTS = (
 
 
 class MAMLRL(MetaLearner):
-    """MAML-TRPO on the 2-D navigation tasks of :class:`~lit_meta.rl.datamodule.RolloutDataModule`.
+    """MAML-TRPO on the tasks of :class:`~lit_meta.rl.datamodule.RolloutDataModule` (navigation or HalfCheetah).
 
     Args:
         backbone: the policy (:class:`~lit_meta.rl.policy.GaussianMLPPolicy`; default: Finn et al.'s 100-100 ReLU
-            MLP, with 4 inputs for the oracle).
+            MLP sized for ``environment``, with 4 inputs for the navigation oracle).
         inner_lr: ``alpha`` of the policy-gradient inner step (Finn et al.: 0.1).
         inner_steps: inner steps in meta-training; 0 trains a single policy on all tasks (the pretrained baseline).
         eval_inner_steps: policy-gradient steps at evaluation (returns are logged after each).
@@ -91,8 +97,10 @@ class MAMLRL(MetaLearner):
         max_kl: the trust region ``delta`` of the TRPO step.
         cg_iters, cg_damping: the conjugate-gradient solve.
         backtrack_ratio, max_backtracks: TRPO's line search.
-        oracle: the policy observes the goal.
-        horizon: steps per trajectory.
+        oracle: the policy observes the goal (navigation only).
+        horizon: steps per trajectory (Finn et al.: 100 for navigation, 200 for HalfCheetah).
+        environment: ``navigation2d``, ``halfcheetah_vel`` or ``halfcheetah_dir``; the datamodule's must match.
+        num_workers: processes that step the HalfCheetah environments (1: this process; unused for navigation).
     """
 
     def __init__(
@@ -115,9 +123,24 @@ class MAMLRL(MetaLearner):
         max_backtracks: int = 15,
         oracle: bool = False,
         horizon: int = 100,
+        environment: str = "navigation2d",
+        num_workers: int = 1,
     ) -> None:
+        if environment not in ENVIRONMENTS:
+            raise ConfigError(f"environment must be one of {', '.join(ENVIRONMENTS)}, got {environment!r}")
+        if oracle and environment != "navigation2d":
+            raise ConfigError(f"oracle is implemented for navigation2d only, not {environment}: set oracle: false")
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
+            raise ConfigError(f"num_workers must be a positive integer, got {num_workers!r}")
+        env: Navigation2D | HalfCheetahTasks
+        if environment == "navigation2d":
+            env = Navigation2D(horizon=horizon)
+        else:
+            # Fail at construction, not at the first rollout, when gymnasium is missing.
+            require_gymnasium()
+            env = HalfCheetahTasks(kind=environment, horizon=horizon)
         if backbone is None:
-            backbone = GaussianMLPPolicy(in_features=4 if oracle else 2)
+            backbone = GaussianMLPPolicy(in_features=4 if oracle else env.observation_dim, out_features=env.action_dim)
         super().__init__(backbone)
         for key in _UNUSED_BASE_ARGUMENTS:
             self.hparams.pop(key, None)
@@ -150,7 +173,11 @@ class MAMLRL(MetaLearner):
         self.backtrack_ratio = backtrack_ratio
         self.max_backtracks = max_backtracks
         self.oracle = oracle
-        self.env = Navigation2D(horizon=horizon)
+        self.environment = environment
+        self.num_workers = num_workers
+        self.env = env
+        # The HalfCheetah environments (and worker processes): built at the first rollout, kept for the next ones.
+        self._vector_env: Any = None
         self.last_step: TRPOStep | None = None
 
     # ------------------------------------------------------------------------------------------------ rollouts
@@ -168,7 +195,14 @@ class MAMLRL(MetaLearner):
         Task ``t``'s noise comes from a generator keyed by ``(its seed, phase, step)``.
         """
         generators = [episode_generator(int(seed), phase, step) for seed in tasks.seeds.tolist()]
-        batch = sample_trajectories(self.backbone, params, self.env, tasks.goals, trajectories, generators, batched=True, oracle=self.oracle)
+        if isinstance(self.env, Navigation2D):
+            batch = sample_trajectories(self.backbone, params, self.env, tasks.goals, trajectories, generators, batched=True, oracle=self.oracle)
+        else:
+            from lit_meta.rl.vector_env import VectorHalfCheetah, sample_env_trajectories
+
+            if self._vector_env is None:
+                self._vector_env = VectorHalfCheetah(self.environment, self.num_workers)
+            batch = sample_env_trajectories(self.backbone, params, self._vector_env, self.env, tasks.goals, trajectories, generators, batched=True)
         return batch, advantages(batch, self.discount, self.gae_lambda, self.normalize_advantages)
 
     def log_prob(self, params: Params, trajectories: Trajectories) -> Tensor:
@@ -313,6 +347,34 @@ class MAMLRL(MetaLearner):
             vector_to_parameters(step.parameters, tensors)
         self.last_step = step
         return step, support, query
+
+    def _check_environment(self) -> None:
+        """One-line error when the datamodule's tasks are of another environment than this policy's."""
+        given = getattr(self._datamodule(), "environment", None)
+        if given is not None and given != self.environment:
+            raise ConfigError(
+                f"the datamodule gives {given} tasks but this {type(self).__name__} was built for {self.environment}: set "
+                "the same environment for model and data"
+            )
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._check_environment()
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._check_environment()
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._check_environment()
+
+    def teardown(self, stage: str) -> None:
+        # Stop the worker processes of the HalfCheetah environments (a later rollout starts new ones).
+        if self._vector_env is not None:
+            self._vector_env.close()
+            self._vector_env = None
+        super().teardown(stage)
 
     def training_step(self, batch: NavigationTasks, batch_idx: int) -> None:  # type: ignore[override]
         self._require_grad_mode()
