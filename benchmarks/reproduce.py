@@ -66,6 +66,8 @@ def protocol_text(config: dict[str, Any], result: dict[str, Any] | None = None) 
     dataset = config["data"]["class_path"].rpartition(".")[2].replace("DataModule", "")
     if dataset == "Sinusoid":
         parts = [f"K={data.get('shots', 10)}, {data.get('queries', 10)} query points"]
+    elif dataset == "Rollout":
+        parts = [f"{data.get('environment', 'navigation2d')}, average return per task"]
     else:
         split = f" {data['split']} split" if data.get("split") else ""
         queries = data.get("queries", 15)
@@ -74,7 +76,7 @@ def protocol_text(config: dict[str, Any], result: dict[str, Any] | None = None) 
         parts.append(f"{model.get('normalization', 'transductive')} norm")
     if "eval_inner_steps" in model or "inner_steps" in model:
         parts.append(f"{model.get('eval_inner_steps', model.get('inner_steps'))} inner steps")
-    parts.append(f"{data.get('test_episodes', 600):,} episodes")
+    parts.append(f"{data.get('test_episodes', 600):,} {'test tasks' if dataset == 'Rollout' else 'episodes'}")
     return ", ".join(parts)
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from datamodules.base import EpisodicDataModule
 from datamodules.errors import ConfigError
 from datamodules.task_batch import TaskBatch
-from lit_meta.algorithms.metabgd import MetaBGD
+from lit_meta.algorithms.metabgd import MetaBGD, _top_eigenvalue
 from lit_meta.backbones import BatchStatNorm
 
 FEATURES, HIDDEN, DIM, WAYS = 12, 16, 8, 4
@@ -59,55 +59,66 @@ def reference_embed(p: dict[str, Tensor], x: Tensor, gamma: Tensor | None = None
 
 def reference_generator(model: MetaBGD, means: Tensor) -> tuple[Tensor, Tensor]:
     g = dict(model.generator.named_parameters())
-    e = torch.relu(means @ g["encoder.0.weight"].T + g["encoder.0.bias"])
-    if model.generator.set_context:
+    e = torch.relu(means @ g["set_encoder.encoder.0.weight"].T + g["set_encoder.encoder.0.bias"])
+    if model.generator.set_encoder.set_context:
         e = torch.cat([e, e.mean(0).expand_as(e)], dim=1)
     h = torch.relu(e @ g["decoder.0.weight"].T + g["decoder.0.bias"])
     out = h @ g["decoder.2.weight"].T
+    if model.generator_kind == "residual":
+        w = means + out[:, :-1]
+        return w / w.norm(dim=1, keepdim=True), out[:, -1]
     return out[:, :-1], out[:, -1]
 
 
-def reference_meta_loss(model: MetaBGD, batch: TaskBatch, steps: int, first_order: bool) -> Tensor:
-    """Per-task loop with ``torch.autograd.grad(create_graph=True)``: no vmap, no torch.func, no adapt()."""
+def reference_meta_loss(model: MetaBGD, batch: TaskBatch, steps: int, first_order: bool, step: int = 0) -> Tensor:
+    """Per-task loop with ``torch.autograd.grad(create_graph=True)``: no vmap, no torch.func, no adapt().
+
+    Only the curvature that normalizes the rates comes from the model (a detached constant; its power iteration is
+    checked against an explicit Hessian below).
+    """
     backbone = dict(model.backbone.named_parameters())
-    lr = model.inner_lr
+    tau = model.log_temperature.exp()
+    weight_pre = model.pre_loss_weight_at(step)
     losses = []
     for t in range(batch.num_tasks):
         sx, sy, qx, qy = batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t]
         n = len(sx)
         gamma = beta = None
         if model.film is not None:
-            z0 = reference_embed(backbone, torch.cat([sx, qx]) if model.joint_embedding else sx)[:n]
+            z0 = reference_embed(backbone, torch.cat([sx, qx]))[:n]
             means0 = torch.stack([z0[sy == c].mean(0) for c in range(WAYS)])
             f = dict(model.film.named_parameters())
             context = torch.relu(means0 @ f["encoder.0.weight"].T + f["encoder.0.bias"]).mean(0)
             gamma, beta = (context @ f["out.weight"].T + f["out.bias"]).split(HIDDEN)
-        if model.finetune == "head":
-            z = reference_embed(backbone, torch.cat([sx, qx]), gamma, beta)
-            zs, zq = z[:n], z[n:]
+        z = reference_embed(backbone, torch.cat([sx, qx]), gamma, beta)
+        zs, zq = z[:n], z[n:]
+        if model.features == "normalized":
+            centre = zs.mean(0)
+            zs = (zs - centre) / (zs - centre).norm(dim=1, keepdim=True)
+            zq = (zq - centre) / (zq - centre).norm(dim=1, keepdim=True)
+        means = torch.stack([zs[sy == c].mean(0) for c in range(WAYS)])
+        if model.generator_kind == "prototype":
+            weight, bias = 2 * means, -(means**2).sum(1)
+        elif model.generator_kind == "zero":
+            # Leaves that require grad, so the inner autograd.grad can differentiate with respect to them.
+            weight, bias = torch.zeros_like(means).requires_grad_(), torch.zeros(WAYS, dtype=means.dtype, requires_grad=True)
         else:
-            zs = reference_embed(backbone, sx, gamma, beta)
-        weight, bias = reference_generator(model, torch.stack([zs[sy == c].mean(0) for c in range(WAYS)]))
-        if model.finetune == "head":
-            for _ in range(steps):
-                loss = F.cross_entropy(zs @ weight.T + bias, sy)
-                gw, gb = torch.autograd.grad(loss, (weight, bias), create_graph=not first_order)
-                weight, bias = weight - lr * gw, bias - lr * gb
-            losses.append(F.cross_entropy(zq @ weight.T + bias, qy))
-        else:  # every parameter of the task model adapts, starting from the modulated backbone
-            # Clones: the inner gradient is the partial derivative in each task-model parameter. The generated head
-            # also depends on the shared backbone parameters, and autograd.grad with respect to those leaves would
-            # add that path too.
-            fast = {k: v.clone() for k, v in backbone.items()}
-            if gamma is not None:
-                fast["net.1.weight"], fast["net.1.bias"] = fast["net.1.weight"] * (1 + gamma), fast["net.1.bias"] + beta
-            fast["weight"], fast["bias"] = weight, bias
-            names = list(fast)
-            for _ in range(steps):
-                loss = F.cross_entropy(reference_embed(fast, sx) @ fast["weight"].T + fast["bias"], sy)
-                grads = torch.autograd.grad(loss, [fast[k] for k in names], create_graph=not first_order)
-                fast = {k: fast[k] - lr * g for k, g in zip(names, grads)}
-            losses.append(F.cross_entropy(reference_embed(fast, qx) @ fast["weight"].T + fast["bias"], qy))
+            weight, bias = reference_generator(model, means)
+        scale = model.curvature(zs, sy, {"weight": weight, "bias": bias}) if model.precondition and steps else 1.0
+        start = (weight, bias)
+        for j in range(steps):
+            loss = F.cross_entropy(tau * (zs @ weight.T + bias), sy)
+            gw, gb = torch.autograd.grad(loss, (weight, bias), create_graph=not first_order)
+            if model.inner_lr_logits is None:
+                rw = rb = model.inner_lr
+            else:
+                rate = model.max_inner_lr * torch.sigmoid(model.inner_lr_logits[min(j, model.inner_steps - 1)])
+                rw, rb = rate[:-1], rate[-1]
+            weight, bias = weight - rw / scale * gw, bias - rb / scale * gb
+        loss = F.cross_entropy(tau * (zq @ weight.T + bias), qy)
+        if steps and weight_pre > 0:
+            loss = loss + weight_pre * F.cross_entropy(tau * (zq @ start[0].T + start[1]), qy)
+        losses.append(loss)
     return torch.stack(losses).mean()
 
 
@@ -131,38 +142,45 @@ def assert_relative_close(actual: dict[str, Tensor], expected: dict[str, Tensor]
             continue
         assert (actual[name] - expected[name]).norm() <= rtol * scale, name
     for name in expected:
-        if name.startswith(("generator.", "film.")):
+        if name.startswith(("generator.", "film.", "inner_lr_logits", "log_temperature")):
             assert expected[name].norm() > 1e-6 * total, f"no gradient reaches {name}: the test would prove nothing"
 
 
 CONFIGS = {
-    "head": dict(),
-    "head-first-order": dict(first_order=True),
-    "head-no-context": dict(set_context=False),
-    "head-film": dict(film=True),
-    "all-film": dict(finetune="all", film=True),
-    "all-first-order": dict(finetune="all", first_order=True),
+    "residual": dict(),
+    "residual-first-order": dict(first_order=True),
+    "residual-no-context": dict(set_context=False),
+    "residual-film": dict(film=True),
+    "residual-annealed-pre-loss": dict(pre_loss_weight=2.0, pre_loss_weight_end=0.5, pre_loss_anneal_steps=10),
+    "generator-only": dict(inner_steps=0, eval_inner_steps=3),
+    "prototype": dict(generator="prototype"),
+    "zero": dict(generator="zero"),
+    "mlp-raw-fixed-rate": dict(generator="mlp", features="raw", temperature=1.0, learn_temperature=False, precondition=False, learn_inner_lr=False),
 }
+
+
+def randomize_zero_layers(model: MetaBGD) -> None:
+    """Zero-initialised output layers (residual, FiLM) would leave the layers before them without a gradient."""
+    with torch.no_grad():
+        if model.generator_kind == "residual":
+            model.generator.decoder[-1].weight.normal_(std=0.1)
+        if model.film is not None:
+            model.film.out.weight.normal_(std=0.1)
+            model.film.out.bias.normal_(std=0.1)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
 def test_meta_gradient_equals_per_task_autograd_reference(config: str) -> None:
-    kwargs = CONFIGS[config]
-    steps = 2 if kwargs.get("finetune") == "all" else 3
+    kwargs = {"inner_steps": 3, **CONFIGS[config]}
     torch.manual_seed(0)
     batch = random_batch()
     grads = {}
     for vectorize in (True, False):
         torch.manual_seed(1)
-        model = MetaBGD(TinyEmbedding(), inner_lr=0.3, inner_steps=steps, generator_hidden=16, vectorize=vectorize, **kwargs).double()
-        if model.film is not None:
-            # Its output layer starts at zero (identity modulation), which would leave the encoder's gradient zero.
-            with torch.no_grad():
-                model.film.out.weight.normal_(std=0.1)
-                model.film.out.bias.normal_(std=0.1)
+        model = MetaBGD(TinyEmbedding(), inner_lr=0.3, generator_hidden=16, vectorize=vectorize, **kwargs).double()
+        randomize_zero_layers(model)
         grads[vectorize] = gradients(model, model.meta_loss(batch))
-    reference = gradients(model, reference_meta_loss(model, batch, steps, kwargs.get("first_order", False)))
-    assert any(k.startswith("generator.") for k in reference)
+    reference = gradients(model, reference_meta_loss(model, batch, model.inner_steps, model.first_order))
     assert_relative_close(grads[True], reference)
     assert_relative_close(grads[False], reference)
 
@@ -174,31 +192,79 @@ def test_first_order_differs_from_second_order() -> None:
     for first_order in (False, True):
         torch.manual_seed(1)
         model = MetaBGD(TinyEmbedding(), inner_lr=0.3, inner_steps=3, generator_hidden=16, first_order=first_order).double()
+        randomize_zero_layers(model)
         out.append(gradients(model, model.meta_loss(batch))["generator.decoder.2.weight"])
     assert (out[0] - out[1]).norm() > 1e-3 * out[0].norm()
 
 
-def test_learned_inner_lr_gets_the_reference_gradient() -> None:
-    batch = random_batch()
-    torch.manual_seed(1)
-    model = MetaBGD(TinyEmbedding(), inner_lr=0.3, inner_steps=2, generator_hidden=16, learn_inner_lr=True).double()
-    actual = gradients(model, model.meta_loss(batch))
-    expected = gradients(model, reference_meta_loss(model, batch, 2, first_order=False))
-    assert_relative_close(actual, expected)
-    assert "inner_lr" in actual
+def explicit_hessian(model: MetaBGD, zs: Tensor, sy: Tensor, head: dict[str, Tensor]) -> Tensor:
+    """The support loss's Hessian in the flattened ``(weight, bias)`` of the head, by double autograd."""
+    tau = model.log_temperature.exp().detach()
+    shape = head["weight"].shape
+
+    def loss(flat: Tensor) -> Tensor:
+        w, b = flat[: shape.numel()].view(shape), flat[shape.numel():]
+        return F.cross_entropy(tau * (zs @ w.T + b), sy)
+
+    return torch.autograd.functional.hessian(loss, torch.cat([head["weight"].flatten(), head["bias"]]))
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(film=True, finetune="all")], ids=["head", "all-film"])
+@pytest.mark.parametrize("features", ["normalized", "raw"])
+def test_stability_monitor_equals_the_explicit_hessian_eigenvalue(features: str) -> None:
+    torch.manual_seed(3)
+    model = MetaBGD(TinyEmbedding(), inner_steps=2, features=features, generator_hidden=16).double()
+    randomize_zero_layers(model)
+    with torch.no_grad():
+        model.inner_lr_logits.normal_()  # different rates per dimension
+    batch = random_batch(tasks=1)
+    with model.episode_ways(batch):
+        zs, _ = model.task_features(batch.support_x[0], batch.support_y[0], batch.query_x[0], training=True)
+        zs, sy = zs.detach(), batch.support_y[0]
+        head = {k: v.detach() for k, v in model.initial_head(zs, sy).items()}
+    hessian = explicit_hessian(model, zs, sy, head)
+    top = torch.linalg.eigvalsh(hessian)[-1]
+    loss = lambda p: F.cross_entropy(model.log_temperature.exp().detach() * (zs @ p["weight"].T + p["bias"]), sy)  # noqa: E731
+    # Power iteration converges to the top eigenvalue from below (a Rayleigh quotient); the default count gets close.
+    assert float(_top_eigenvalue(loss, head, None, iterations=2000)) == pytest.approx(float(top), rel=1e-8)
+    curvature = float(model.curvature(zs, sy, head))
+    assert float(top) * 0.97 <= curvature <= float(top) * (1 + 1e-9)
+    assert float(top) <= float(model.curvature_bound(zs))  # the bound C of the module docstring
+    # alpha * lambda_max with per-entry rates: the top eigenvalue of P^1/2 H P^1/2.
+    rates = model.step_sizes(zs, model.curvature(zs, sy, head))(1)
+    p = torch.cat([torch.as_tensor(rates["weight"]).expand_as(head["weight"]).flatten(), torch.as_tensor(rates["bias"]).expand_as(head["bias"])])
+    expected = torch.linalg.eigvalsh(p.sqrt().unsqueeze(1) * hessian * p.sqrt().unsqueeze(0))[-1]
+    sqrt_p = {k: torch.as_tensor(rates[k]).sqrt().expand_as(v) for k, v in head.items()}
+    assert float(_top_eigenvalue(loss, head, sqrt_p, iterations=2000)) == pytest.approx(float(expected), rel=1e-8)
+    assert float(expected) * 0.97 <= float(model.stability(zs, sy, head, rates)) <= float(expected) * (1 + 1e-9)
+    # At the initial head, dividing the rates by the curvature keeps alpha * lambda_max below the largest rate.
+    assert float(expected) <= float(model.rate(1).max()) / 0.97
+
+
+def test_curvature_bound_holds_for_random_heads() -> None:
+    torch.manual_seed(4)
+    model = MetaBGD(TinyEmbedding(), inner_steps=1, features="raw", temperature=3.0, generator_hidden=16).double()
+    for _ in range(5):
+        zs, sy = torch.randn(8, DIM, dtype=torch.float64) * 2, torch.arange(WAYS).repeat(2)
+        head = {"weight": torch.randn(WAYS, DIM, dtype=torch.float64), "bias": torch.randn(WAYS, dtype=torch.float64)}
+        top = torch.linalg.eigvalsh(explicit_hessian(model, zs, sy, head))[-1]
+        assert 0 < float(top) <= float(model.curvature_bound(zs))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(film=True), dict(generator="prototype")], ids=["residual", "film", "prototype"])
 def test_vectorized_equals_loop_in_evaluation(kwargs) -> None:
     batch = random_batch(tasks=4)
     metrics = []
     for vectorize in (True, False):
         torch.manual_seed(2)
         model = MetaBGD(TinyEmbedding(), inner_steps=2, eval_inner_steps=4, generator_hidden=16, vectorize=vectorize, **kwargs).double()
+        randomize_zero_layers(model)
         metrics.append(model.task_metrics(batch))
-    assert set(metrics[0]) == {"acc", "loss", "acc_pre", "loss_pre"}
+    steps = [f"{m}_step{j}" for m in ("acc", "loss") for j in range(1, 5)]
+    assert set(metrics[0]) == {"acc", "loss", "acc_pre", "loss_pre", "stability", "drift", *steps}
     for key in metrics[0]:
         torch.testing.assert_close(metrics[0][key], metrics[1][key], rtol=1e-9, atol=1e-12)
+    # The last step's values are the reported ones.
+    torch.testing.assert_close(metrics[0]["acc"], metrics[0]["acc_step4"])
 
 
 def test_evaluation_builds_no_graph_to_the_meta_parameters() -> None:
@@ -207,17 +273,30 @@ def test_evaluation_builds_no_graph_to_the_meta_parameters() -> None:
     assert not logits.requires_grad and not objectives.requires_grad
 
 
+def test_pre_loss_weight_is_annealed_linearly() -> None:
+    model = MetaBGD(TinyEmbedding(), pre_loss_weight=1.0, pre_loss_weight_end=0.2, pre_loss_anneal_steps=100)
+    assert [model.pre_loss_weight_at(s) for s in (0, 50, 100, 500)] == pytest.approx([1.0, 0.6, 0.2, 0.2])
+    assert MetaBGD(TinyEmbedding(), pre_loss_weight=0.5).pre_loss_weight_at(10**6) == 0.5
+
+
 def test_configuration_errors() -> None:
-    with pytest.raises(ConfigError, match="joint_embedding"):
-        MetaBGD(TinyEmbedding(), finetune="all", joint_embedding=True)
-    with pytest.raises(ConfigError, match="finetune"):
-        MetaBGD(TinyEmbedding(), finetune="body")
+    with pytest.raises(ConfigError, match="generator must be one of"):
+        MetaBGD(TinyEmbedding(), generator="hypernet")
+    with pytest.raises(ConfigError, match="features must be one of"):
+        MetaBGD(TinyEmbedding(), features="whitened")
+    with pytest.raises(ConfigError, match="inside \\(0, max_inner_lr\\)"):
+        MetaBGD(TinyEmbedding(), inner_lr=1.5)
+    with pytest.raises(ConfigError, match="temperature must be a positive number"):
+        MetaBGD(TinyEmbedding(), temperature=0)
+    with pytest.raises(ConfigError, match="inner_steps must be an integer"):
+        MetaBGD(TinyEmbedding(), inner_steps=-1)
     with pytest.raises(ConfigError, match="BatchStatNorm"):
         MetaBGD(nn.Sequential(nn.Linear(4, 4)), embedding_dim=4, film=True)
     with pytest.raises(ConfigError, match="embedding_dim"):
         MetaBGD(nn.Sequential(nn.Linear(4, 4)))
-    assert not MetaBGD(TinyEmbedding(), finetune="all").joint_embedding
-    assert MetaBGD(TinyEmbedding()).joint_embedding
+    # A fixed rate is not bounded by max_inner_lr (it is not a sigmoid), and a generator-only model learns none.
+    assert MetaBGD(TinyEmbedding(), inner_lr=1.5, learn_inner_lr=False).inner_lr_logits is None
+    assert MetaBGD(TinyEmbedding(), inner_steps=0).inner_lr_logits is None
 
 
 # ---------------------------------------------------------------------------------------- what the generator buys
@@ -247,7 +326,7 @@ class GaussianClasses(EpisodicDataModule):
 def test_generated_initialization_beats_zero_and_random_heads_and_fine_tuning_improves_it() -> None:
     data = GaussianClasses(ways=5, shots=5, queries=5, meta_batch_size=8, train_batches=150, val_episodes=16, test_episodes=200, eval_meta_batch_size=200)
     torch.manual_seed(0)
-    model = MetaBGD(TinyEmbedding(32, 32, 16), inner_lr=1.0, inner_steps=3, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    model = MetaBGD(TinyEmbedding(32, 32, 16), inner_lr=0.5, inner_steps=3, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
     trainer = pl.Trainer(
         logger=False, enable_checkpointing=False, inference_mode=False, enable_progress_bar=False, enable_model_summary=False,
         accelerator="cpu", max_epochs=1, limit_val_batches=1,
@@ -257,7 +336,7 @@ def test_generated_initialization_beats_zero_and_random_heads_and_fine_tuning_im
     assert result["test/acc"] > 0.5 > 0.2 + 3 * result["test/acc_ci95"]  # chance is 0.2
 
     batch = next(iter(data.test_dataloader()))  # 200 fixed test episodes, 25 queries each
-    generated = model.metrics_by_step(batch, steps=3, init="generated")
+    generated = model.metrics_by_step(batch, steps=3, init=None)
     zero = model.metrics_by_step(batch, steps=3, init="zero")["acc"].mean(1)
     random = model.metrics_by_step(batch, steps=0, init="random")["acc"].mean(1)
     accuracy = generated["acc"].mean(1)
@@ -270,8 +349,31 @@ def test_generated_initialization_beats_zero_and_random_heads_and_fine_tuning_im
     loss_change = generated["loss"][3] - generated["loss"][0]
     assert loss_change.mean() < -4 * loss_change.std() / len(loss_change) ** 0.5
     assert accuracy[3] > accuracy[0]
-    # The generated initialization stays ahead of fine-tuning from a zero head with the same steps.
-    assert accuracy[3] > zero[3] + 0.03
     # The evaluation path is the same one the trainer's test loop used.
     assert float(accuracy[3]) == pytest.approx(result["test/acc"], abs=1e-6)
     assert float(accuracy[0]) == pytest.approx(result["test/acc_pre"], abs=1e-6)
+
+
+def test_generated_head_learns_on_real_omniglot(omniglot_root) -> None:
+    """Forty 5-way 1-shot meta-batches of real Omniglot lift the generated head, before any fine-tuning step, far
+    above chance (20%) and above the cosine-prototype head it starts as."""
+    from datamodules import OmniglotDataModule
+    from lit_meta import Conv4
+
+    data = OmniglotDataModule(
+        root=omniglot_root, split="vinyals", ways=5, shots=1, queries=5, meta_batch_size=2, train_batches=40,
+        val_episodes=10, test_episodes=100, eval_meta_batch_size=100, seed=0,
+    )
+    torch.manual_seed(0)
+    backbone = Conv4(in_channels=1, hidden=32, out_features=None, pool="max", image_size=28, fused_norm=True)
+    model = MetaBGD(backbone, inner_steps=2, monitor_every=0, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, inference_mode=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", max_epochs=1, limit_val_batches=0,
+    )
+    before = trainer.test(model, datamodule=data, verbose=False)[0]
+    trainer.fit(model, datamodule=data)
+    after = trainer.test(model, datamodule=data, verbose=False)[0]
+    assert after["test/acc_pre"] > 0.6
+    assert after["test/acc_pre"] - before["test/acc_pre"] > 0.15 > 3 * after["test/acc_pre_ci95"]
+    assert after["test/stability"] < 1.0

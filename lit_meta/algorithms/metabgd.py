@@ -1,53 +1,54 @@
-r"""MetaBGD: a generated, task-conditioned initialization, then gradient descent on the support set.
+r"""MetaBGD: a generated classifier head, then gradient descent on the support set.
 
-The model-based method of this library. A *generator* reads a task's support set and writes the initial weights of a
-task model; the model is then fine-tuned with a few gradient steps on the support set; the query loss after
-fine-tuning trains the generator and the shared feature extractor end to end, through the fine-tuning steps.
+The model-based method of this library. A *generator* reads a task's support set and writes the initial weights of
+the task's classifier; the classifier is fine-tuned with a few gradient steps on the support set; the query loss
+after fine-tuning (and, weighted, before it) trains the generator and the feature extractor end to end, through the
+fine-tuning steps (second order).
 
-**Equations.** For a task with support set ``S = {(x_i, y_i)}`` (``N`` classes) and query set ``Q``, feature
-extractor ``f_theta`` (the backbone, returning ``D``-dimensional embeddings) and generator ``G_phi``:
+**Equations** (defaults). For a task with support set ``S`` (``N`` classes), query set ``Q``, feature extractor
+``f_theta`` (the backbone, returning ``D``-dimensional embeddings) and generator ``R_phi``:
 
-1. Class summaries (the prototypes of ProtoNet):  ``mu_c = mean_{i: y_i = c} f_theta(x_i)``.
-2. Set encoding (DeepSets; each class's weights see the whole task):
-   ``e_c = relu(A mu_c + a)``,  ``m = mean_c e_c``.
-3. Generated head, one row per class:  ``[w_c ; b_c] = MLP_phi([e_c ; m])``  (``w_c`` in R^D, ``b_c`` in R),
-   i.e. ``W_0 = [w_1 ... w_N]^T``, ``b_0 = [b_1 ... b_N]``.
-4. Fine-tuning, ``k`` steps of gradient descent on the support cross-entropy (:func:`lit_meta.adaptation.adapt`):
-   ``(W_{j+1}, b_{j+1}) = (W_j, b_j) - alpha * grad_{W, b} L_S(W_j, b_j)``,
-   ``L_S(W, b) = CE(f_theta(x_S) W^T + b, y_S)``.
-5. Meta-objective, averaged over the tasks of a meta-batch:  ``L_Q(W_k, b_k) = CE(f_theta(x_Q) W_k^T + b_k, y_Q)``,
-   minimised over ``theta`` and ``phi`` (and ``alpha`` with ``learn_inner_lr``). Its gradient flows through the
-   ``k`` fine-tuning steps (second order: the Hessian-vector products of ``L_S``); ``first_order=True`` treats the
-   inner gradients as constants.
+1. Features, centred on the support set's mean and L2-normalised (``features="normalized"``):
+   ``z = normalize(f_theta(x) - mean_{x' in S} f_theta(x'))``; queries are centred with the same support mean, so
+   no query influences another.
+2. Class means ``mu_c = mean_{i: y_i = c} z_i`` and a set encoding ``e_c = relu(A mu_c + a)``, ``m = mean_c e_c``.
+3. Generated head, a residual over the class means (``generator="residual"``):
+   ``[Delta_c ; b_c] = MLP_phi([e_c ; m])`` (last layer initialised at zero), ``w_c = normalize(mu_c + Delta_c)``,
+   so training starts from a cosine prototype classifier.
+4. Logits with a learned temperature: ``s(x) = tau * (W z(x) + b)``.
+5. Fine-tuning, ``k`` steps on the support cross-entropy ``L_S``, with learned per-step, per-dimension rates:
+   ``(W, b)_{j+1} = (W, b)_j - (a_j / C) * grad L_S((W, b)_j)``, where ``a_j in (0, a_max)`` (``a_max`` times a
+   sigmoid) has one entry per feature dimension plus one for the bias, shared by the classes, and
+   ``C = tau^2 * mean_i (|z_i|^2 + 1) / 2`` bounds the largest eigenvalue of ``L_S``'s Hessian: the softmax
+   covariance ``diag(p) - p p^T`` is at most ``1/2`` in every direction, so
+   ``H <= (tau^2 / 2) I (x) mean_i [z_i; 1][z_i; 1]^T`` and its top eigenvalue is at most ``C``. Every step therefore
+   has ``alpha * lambda_max < a_max <= 1``: gradient descent on ``L_S`` cannot oscillate, whatever ``theta``,
+   ``tau`` or the generator do during training.
+6. Meta-objective: ``L_Q((W, b)_k) + w_pre * L_Q((W, b)_0)``, averaged over the meta-batch; ``w_pre`` is annealed
+   linearly from ``pre_loss_weight`` to ``pre_loss_weight_end`` over ``pre_loss_anneal_steps`` steps (MAML++'s
+   multi-step loss, reduced to the two ends of the trajectory). The second term asks the generated head itself to
+   classify, so the generator cannot leave all the work to the fine-tuning.
 
-Options:
+The ablations of the method are options of this class: ``inner_steps: 0`` (generator only),
+``generator: "prototype"`` (Proto-MAML's closed-form head ``w_c = 2 mu_c``, ``b_c = -|mu_c|^2``, then
+fine-tuning; Triantafillou et al. 2020), ``generator: "zero"`` (fine-tuning only: for a head-only inner loop a
+class-shared initialization is the same as zero, since a row shared by all classes shifts every logit alike), and
+``generator: "mlp"`` with ``features: raw``, ``temperature: 1``, ``precondition: false`` (the plain MLP generator
+on raw embeddings with a fixed rate). ``film: true`` also conditions every normalization layer of the backbone on the
+task (FiLM, Perez et al. 2018), zero-initialised.
 
-* ``film=True`` also conditions *every layer* of the feature extractor on the task (FiLM, Perez et al. 2018): a
-  second set encoder reads the class means of an unmodulated pass and outputs, for every
-  :class:`~lit_meta.backbones.BatchStatNorm` layer ``l``, a per-channel ``(gamma_l, beta_l)``; the layer's affine
-  map becomes ``weight_l * (1 + gamma_l)`` and ``bias_l + beta_l``. Its output layer starts at zero, so training
-  starts from the unmodulated network.
-* ``finetune="all"`` fine-tunes the whole task model (the (modulated) backbone and the generated head, MAML-style)
-  instead of the head alone. Each forward pass then sees a single set (support or query), so embeddings are taken
-  separately (``joint_embedding`` must be false).
-
-**Relation to LEO** (Rusu et al., ICLR 2019). LEO also generates a task's classifier weights from its support set and
-fine-tunes them: it encodes the support embeddings into a per-class latent code (a relation network over all pairs
-of examples), samples a stochastic latent, decodes it into the weights, adapts the *latent code* by gradient steps,
-then fine-tunes the decoded weights directly for a few more steps; the features are pre-trained and frozen and the
-losses carry KL and orthogonality regularisers. MetaBGD is the deterministic "conditional generator + fine-tuning"
-variant of LEO's ablation (Table 3 there): no latent space and no latent-space adaptation, a DeepSets set encoder
-(mean over classes) instead of the pairwise relation network, and the feature extractor trained end to end with the
-generator instead of pre-trained and frozen.
-
-Under DDP every parameter takes part in every step (the FiLM generator exists only with ``film=True``, the learned
-inner learning rate only with ``learn_inner_lr=True``), so no ``find_unused_parameters`` is needed.
+**Relation to published methods.** LEO (Rusu et al., ICLR 2019) generates a classifier from a support set and
+fine-tunes it; its "conditional generator only" and "+ fine-tuning" ablation rows (arXiv Table 2) are the closest
+published analogue of ``inner_steps: 0`` and the full method, but LEO decodes stochastic latent codes, adapts them in
+latent space, and uses frozen pre-trained WRN-28-10 features. Gidaris & Komodakis (CVPR 2018) and Qiao et al.
+(CVPR 2018) predict classifier weights from class-mean activations with a cosine classifier, without fine-tuning;
+the residual generator of step 3 is theirs in spirit.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,40 +58,74 @@ from torch.func import functional_call
 from datamodules.errors import ConfigError, require_positive
 from datamodules.task_batch import TaskBatch
 from lit_meta.adaptation import Params, adapt, map_tasks
-from lit_meta.normalization import episode_outputs, query_outputs
 from lit_meta.algorithms.base import task_loss, task_metric
 from lit_meta.algorithms.embedding import EmbeddingMetaLearner, class_means
-from lit_meta.backbones import BatchStatNorm, refuse_fused_norm_for_second_order
+from lit_meta.backbones import BatchStatNorm
+from lit_meta.normalization import episode_outputs
 
-FINETUNE = ("head", "all")
-INITS = ("generated", "zero", "random")
+GENERATORS = ("residual", "prototype", "zero", "mlp")
+INITS = (*GENERATORS, "random")
+FEATURES = ("normalized", "raw")
+POWER_ITERATIONS = 50
 
 
-class HeadGenerator(nn.Module):
-    """Class means ``[N, D]`` -> initial classifier ``(weight [N, D], bias [N])`` (steps 2-3 of the module docstring).
+class _SetEncoder(nn.Module):
+    """Class means ``[N, D]`` -> per-class codes ``[N, H]`` (or ``[N, 2H]`` with the task's mean code appended)."""
+
+    def __init__(self, dim: int, hidden: int, set_context: bool) -> None:
+        super().__init__()
+        self.set_context = set_context
+        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
+
+    @property
+    def out_features(self) -> int:
+        return self.encoder[0].out_features * (2 if self.set_context else 1)
+
+    def forward(self, means: Tensor) -> Tensor:
+        e = self.encoder(means)
+        if self.set_context:
+            e = torch.cat([e, e.mean(dim=-2, keepdim=True).expand_as(e)], dim=-1)
+        return e
+
+
+class ResidualGenerator(nn.Module):
+    """Class means ``[N, D]`` -> head ``(normalize(mu_c + Delta_c) [N, D], b [N])`` (step 3 of the module docstring).
 
     Args:
         dim: embedding size ``D``.
-        hidden: width of the set encoder and of the decoder MLP.
-        set_context: give each class's decoder the mean encoding of all classes of the task (permutation-equivariant
-            over classes); without it each row depends on its own class only.
+        hidden: width of the set encoder and of the decoder.
+        set_context: give each class's decoder the mean code of all classes of the task.
     """
 
     def __init__(self, dim: int, hidden: int = 256, set_context: bool = True) -> None:
         super().__init__()
-        self.set_context = set_context
-        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
-        # No bias on the output layer: a vector added to every class's row shifts all logits alike (before and after
-        # fine-tuning, whose weight gradients sum to zero over the classes), so it would never receive a gradient.
-        self.decoder = nn.Sequential(
-            nn.Linear(2 * hidden if set_context else hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim + 1, bias=False)
-        )
+        self.set_encoder = _SetEncoder(dim, hidden, set_context)
+        # No bias on the output layer: a bias shared by the classes shifts every logit alike and never gets a gradient.
+        self.decoder = nn.Sequential(nn.Linear(self.set_encoder.out_features, hidden), nn.ReLU(), nn.Linear(hidden, dim + 1, bias=False))
+        # Zero residual at the start: training begins as a cosine prototype classifier.
+        nn.init.zeros_(self.decoder[-1].weight)
 
     def forward(self, means: Tensor) -> tuple[Tensor, Tensor]:
-        e = self.encoder(means)
-        if self.set_context:
-            e = torch.cat([e, e.mean(dim=-2, keepdim=True).expand_as(e)], dim=-1)
-        out = self.decoder(e)
+        out = self.decoder(self.set_encoder(means))
+        return F.normalize(means + out[..., :-1], dim=-1), out[..., -1]
+
+
+class MLPGenerator(nn.Module):
+    """Class means ``[N, D]`` -> head ``(W [N, D], b [N])`` from a plain MLP: the generator without a residual.
+
+    Args:
+        dim: embedding size ``D``.
+        hidden: width of the set encoder and of the decoder.
+        set_context: give each class's decoder the mean code of all classes of the task.
+    """
+
+    def __init__(self, dim: int, hidden: int = 256, set_context: bool = True) -> None:
+        super().__init__()
+        self.set_encoder = _SetEncoder(dim, hidden, set_context)
+        self.decoder = nn.Sequential(nn.Linear(self.set_encoder.out_features, hidden), nn.ReLU(), nn.Linear(hidden, dim + 1, bias=False))
+
+    def forward(self, means: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.decoder(self.set_encoder(means))
         return out[..., :-1], out[..., -1]
 
 
@@ -121,241 +156,357 @@ class FiLMGenerator(nn.Module):
         }
 
 
-class _GeneratedLinear(nn.Module):
-    """A linear layer without parameters of its own: ``weight`` and ``bias`` come from ``functional_call``."""
+class _TaskHead(nn.Module):
+    """``temperature * (z W^T + b)`` with every tensor supplied by ``functional_call`` (no parameters of its own)."""
 
     def forward(self, z: Tensor) -> Tensor:
-        return F.linear(z, self.weight, self.bias)
+        return self.temperature * F.linear(z, self.weight, self.bias)
 
 
-class _TaskClassifier(nn.Module):
-    """``backbone`` followed by a generated linear head (``finetune="all"``); parameters come from ``functional_call``."""
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
 
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.backbone(x).flatten(1), self.weight, self.bias)
+def _top_eigenvalue(loss: Callable[[Params], Tensor], at: Params, sqrt_p: Params | None, iterations: int = POWER_ITERATIONS) -> Tensor:
+    """The largest eigenvalue of ``P^1/2 H P^1/2`` (``H``: ``loss``'s Hessian at ``at``; ``P = I`` without ``sqrt_p``)
+    by power iteration on Hessian-vector products (forward over reverse mode, so it runs inside ``vmap``)."""
+
+    def operator(v: Params) -> Params:
+        scaled = v if sqrt_p is None else {k: sqrt_p[k] * v[k] for k in v}
+        hv = torch.func.jvp(torch.func.grad(loss), (at,), (scaled,))[1]
+        return hv if sqrt_p is None else {k: sqrt_p[k] * hv[k] for k in hv}
+
+    # A fixed, deterministic start (no random state, so vmapped and looped runs agree); not the all-ones vector, which
+    # lies in the Hessian's null space (adding one vector to every class's row changes no probability).
+    v = {k: torch.sin(torch.arange(t.numel(), dtype=t.dtype, device=t.device) * 12.9898 + 1.0).view_as(t) for k, t in at.items()}
+    value = next(iter(at.values())).new_zeros(())
+    for _ in range(iterations):
+        norm = torch.sqrt(sum(t.pow(2).sum() for t in v.values()))
+        v = {k: t / norm for k, t in v.items()}
+        hv = operator(v)
+        value = sum((hv[k] * v[k]).sum() for k in v)
+        v = hv
+    return value
 
 
 class MetaBGD(EmbeddingMetaLearner):
-    """Generated initialization + fine-tuning (see the module docstring for the equations).
+    """Generated head + fine-tuning (see the module docstring for the equations).
 
     Args:
         backbone: the feature extractor, returning embeddings (``out_features: null``).
-        inner_lr: the fine-tuning learning rate ``alpha``.
-        inner_steps: fine-tuning steps during meta-training.
-        eval_inner_steps: fine-tuning steps at validation and test (default: ``inner_steps``).
+        generator: where fine-tuning starts: ``"residual"`` (the method), ``"prototype"`` (Proto-MAML's head),
+            ``"zero"`` (fine-tuning only) or ``"mlp"`` (a plain MLP generator).
+        features: ``"normalized"`` (centred on the support mean, then L2-normalised) or ``"raw"`` embeddings.
+        temperature: the logit scale ``tau`` (its initial value when learned).
+        learn_temperature: train ``tau`` (as ``log tau``).
+        inner_lr: the fine-tuning rate: ``a`` in units of ``1 / C`` with ``precondition`` (then below
+            ``max_inner_lr``), else the plain learning rate. Its initial value when learned.
+        inner_steps: fine-tuning steps during meta-training (0: the generator alone).
+        eval_inner_steps: fine-tuning steps at validation and test (default: ``inner_steps``); steps beyond the
+            trained ones reuse the last step's rates.
+        learn_inner_lr: learn one rate per step and per feature dimension (plus the bias), shared by the classes.
+        max_inner_lr: ``a_max``, the upper end of the learned rates (a sigmoid keeps them inside ``(0, a_max)``).
+        precondition: divide the rates by ``C``, the bound on the support loss's curvature (step 5); with
+            ``max_inner_lr <= 1`` this guarantees ``alpha * lambda_max < 1`` in every fine-tuning step.
         first_order: drop the second-order terms of the meta-gradient.
-        learn_inner_lr: make ``alpha`` a trained parameter (initialised at ``inner_lr``).
-        finetune: ``"head"`` (the generated classifier only; embeddings are computed once per task) or ``"all"``
-            (the whole task model).
+        pre_loss_weight: weight of the query loss of the generated head, before fine-tuning.
+        pre_loss_weight_end: the weight reached after ``pre_loss_anneal_steps`` (default: ``pre_loss_weight``).
+        pre_loss_anneal_steps: optimizer steps of the linear anneal (0: constant weight).
         generator_hidden: width of the generator networks.
-        set_context: condition each class's weights on the whole task (see :class:`HeadGenerator`).
+        set_context: condition each class's weights on the whole task.
         film: also modulate every normalization layer of the backbone from the support set (FiLM).
         embedding_dim: the backbone's embedding size, where it has no ``embedding_dim`` attribute.
-        joint_embedding: embed support and query as one batch (see :mod:`lit_meta.algorithms.embedding`); ``None``
-            means yes for ``finetune="head"`` and no for ``"all"`` (which cannot).
-        **kwargs: see :class:`~lit_meta.algorithms.base.MetaLearner` (optimizer, lr_scheduler, vectorize, chunk_size).
+        joint_embedding: embed support and query as one batch (see :mod:`lit_meta.algorithms.embedding`).
+        monitor_every: every this many training steps, log the diagnostics of :meth:`trajectory_metrics`
+            (``train/acc_pre``, ``train/stability``, ...) for the current meta-batch; 0 disables.
+        **kwargs: see :class:`~lit_meta.algorithms.base.MetaLearner` (optimizer, lr_scheduler, vectorize, chunk_size,
+            grad_clip_norm, normalization).
     """
 
     def __init__(
         self,
         backbone: nn.Module,
+        generator: str = "residual",
+        features: str = "normalized",
+        temperature: float = 10.0,
+        learn_temperature: bool = True,
         inner_lr: float = 0.5,
         inner_steps: int = 5,
         eval_inner_steps: int | None = None,
+        learn_inner_lr: bool = True,
+        max_inner_lr: float = 1.0,
+        precondition: bool = True,
         first_order: bool = False,
-        learn_inner_lr: bool = False,
-        finetune: str = "head",
+        pre_loss_weight: float = 1.0,
+        pre_loss_weight_end: float | None = None,
+        pre_loss_anneal_steps: int = 0,
         generator_hidden: int = 256,
         set_context: bool = True,
         film: bool = False,
         embedding_dim: int | None = None,
-        joint_embedding: bool | None = None,
+        joint_embedding: bool = True,
+        monitor_every: int = 50,
         **kwargs: Any,
     ) -> None:
-        if finetune not in FINETUNE:
-            raise ConfigError(f"finetune must be one of {FINETUNE}, got {finetune!r}")
-        if joint_embedding is None:
-            joint_embedding = finetune == "head"
-        if joint_embedding and finetune == "all":
-            raise ConfigError(
-                "finetune='all' runs the backbone on the support set alone inside the inner loop, so support and "
-                "query cannot be embedded jointly: set joint_embedding: false (or leave it null)"
-            )
         super().__init__(backbone, joint_embedding=joint_embedding, **kwargs)
+        if generator not in GENERATORS:
+            raise ConfigError(f"generator must be one of {GENERATORS}, got {generator!r}")
+        if features not in FEATURES:
+            raise ConfigError(f"features must be one of {FEATURES}, got {features!r}")
         eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps), ("pre_loss_anneal_steps", pre_loss_anneal_steps), ("monitor_every", monitor_every)):
+            if not (isinstance(value, int) and value >= 0):
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         require_positive(generator_hidden=generator_hidden)
-        if not (isinstance(inner_steps, int) and inner_steps >= 0 and isinstance(eval_inner_steps, int) and eval_inner_steps >= 0):
-            raise ConfigError(f"inner_steps and eval_inner_steps must be integers >= 0, got {inner_steps!r}, {eval_inner_steps!r}")
+        for name, value in (("temperature", temperature), ("inner_lr", inner_lr), ("max_inner_lr", max_inner_lr)):
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        pre_loss_weight_end = pre_loss_weight if pre_loss_weight_end is None else pre_loss_weight_end
+        if pre_loss_weight < 0 or pre_loss_weight_end < 0:
+            raise ConfigError(f"pre_loss_weight and pre_loss_weight_end must be >= 0, got {pre_loss_weight!r}, {pre_loss_weight_end!r}")
+        learned_rates = learn_inner_lr and inner_steps > 0
+        if learned_rates and not inner_lr < max_inner_lr:
+            raise ConfigError(
+                f"a learned inner_lr starts inside (0, max_inner_lr): got inner_lr {inner_lr} >= max_inner_lr {max_inner_lr}; "
+                "lower inner_lr or raise max_inner_lr"
+            )
         dim = self.embedding_dim(embedding_dim)
+        self.generator_kind = generator
+        self.features = features
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
-        refuse_fused_norm_for_second_order(self.backbone, not first_order, self.vectorize, type(self).__name__)
-        self.finetune = finetune
-        if learn_inner_lr:
-            self.inner_lr = nn.Parameter(torch.tensor(float(inner_lr)))
+        self.precondition = precondition
+        self.max_inner_lr = float(max_inner_lr)
+        self.pre_loss_weight = float(pre_loss_weight)
+        self.pre_loss_weight_end = float(pre_loss_weight_end)
+        self.pre_loss_anneal_steps = pre_loss_anneal_steps
+        self.monitor_every = monitor_every
+        log_tau = torch.tensor(math.log(temperature))
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(log_tau)
         else:
-            self.inner_lr = float(inner_lr)
-        self.generator = HeadGenerator(dim, generator_hidden, set_context)
+            self.register_buffer("log_temperature", log_tau)
+        # One rate per step and per feature dimension (+ bias), as sigmoid logits; a fixed scalar otherwise.
+        self.inner_lr_logits = (
+            nn.Parameter(torch.full((inner_steps, dim + 1), _logit(inner_lr / max_inner_lr))) if learned_rates else None
+        )
+        self.inner_lr = float(inner_lr)
+        generators = {"residual": ResidualGenerator, "mlp": MLPGenerator}
+        self.generator = generators[generator](dim, generator_hidden, set_context) if generator in generators else None
         self.film = None
         if film:
-            channels = {
-                name: module.weight.numel()
-                for name, module in self.backbone.named_modules()
-                if isinstance(module, BatchStatNorm)
-            }
+            channels = {name: module.weight.numel() for name, module in self.backbone.named_modules() if isinstance(module, BatchStatNorm)}
             if not channels:
                 raise ConfigError("film=True modulates the backbone's BatchStatNorm layers, but this backbone has none")
             self.film = FiLMGenerator(dim, channels, generator_hidden)
-        # Parameter-free wrappers for functional_call, kept out of the module tree (plain attributes) so that the
-        # backbone is not registered twice.
-        self.__dict__["_linear"] = _GeneratedLinear()
-        self.__dict__["_classifier"] = _TaskClassifier(self.backbone)
+        # A parameter-free module for functional_call, kept out of the module tree (a plain attribute).
+        self.__dict__["_head"] = _TaskHead()
+        # The largest alpha * lambda_max seen in training, kept in checkpoints so that it survives a resume.
+        self.register_buffer("max_stability", torch.zeros(()))
 
     # ---------------------------------------------------------------------------------------------- task model
-    def backbone_parameters(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, training: bool) -> Params:
+    @property
+    def temperature(self) -> Tensor:
+        return self.log_temperature.exp()
+
+    def steps(self, training: bool) -> int:
+        return self.inner_steps if training else self.eval_inner_steps
+
+    def pre_loss_weight_at(self, step: int) -> float:
+        """``w_pre`` after ``step`` optimizer steps (the linear anneal of step 6 of the module docstring)."""
+        if self.pre_loss_anneal_steps == 0:
+            return self.pre_loss_weight
+        t = min(step / self.pre_loss_anneal_steps, 1.0)
+        return self.pre_loss_weight + t * (self.pre_loss_weight_end - self.pre_loss_weight)
+
+    def rate(self, step: int) -> Tensor | float:
+        """The fine-tuning rate ``a_j`` of a step: ``[D + 1]`` when learned (steps past the trained ones reuse the last)."""
+        if self.inner_lr_logits is None:
+            return self.inner_lr
+        return self.max_inner_lr * torch.sigmoid(self.inner_lr_logits[min(step, self.inner_lr_logits.shape[0] - 1)])
+
+    def curvature_bound(self, support_z: Tensor) -> Tensor:
+        """``C``: a bound on the top eigenvalue of the support loss's Hessian in the head (step 5)."""
+        return 0.5 * self.temperature**2 * (support_z.pow(2).sum(-1) + 1).mean()
+
+    def step_scale(self, support_z: Tensor, support_y: Tensor, head: Params) -> Tensor | float:
+        """What the rates are divided by: the curvature at the initial head with ``precondition``, else 1."""
+        return self.curvature(support_z, support_y, head) if self.precondition else 1.0
+
+    def curvature(self, support_z: Tensor, support_y: Tensor, head: Params) -> Tensor:
+        """``lambda_max`` of the support loss's Hessian at ``head`` (power iteration), detached, at least ``C / 1000``."""
+        # A step-size normaliser, not part of the objective: no gradient flows through it.
+        z, tau = support_z.detach(), self.temperature.detach()
+        value = _top_eigenvalue(lambda p: task_loss(tau * F.linear(z, p["weight"], p["bias"]), support_y), {k: v.detach() for k, v in head.items()}, None)
+        return torch.maximum(value, 1e-3 * self.curvature_bound(z).detach())
+
+    def step_sizes(self, support_z: Tensor, scale: Tensor | float = 1.0) -> Callable[[int], dict[str, Tensor | float]]:
+        """``step -> {"weight": rate [D] or float, "bias": rate}``: the per-entry step sizes, ``a_j / scale``."""
+
+        def at(step: int) -> dict[str, Tensor | float]:
+            rate = self.rate(step)
+            if isinstance(rate, Tensor):
+                return {"weight": rate[:-1] / scale, "bias": rate[-1] / scale}
+            return {"weight": rate / scale, "bias": rate / scale}
+
+        return at
+
+    def backbone_parameters(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, training: bool) -> dict[str, Tensor]:
         """The backbone's parameters for this task: FiLM-modulated from the support set, or the shared ones."""
         params = dict(self.backbone.named_parameters())
         if self.film is None:
             return params
-        # Task context from an unmodulated pass (joint or separate, as for every other pass).
         support_z, _ = self.embed_task(support_x, query_x, training)
         for name, (gamma, beta) in self.film(class_means(support_z, support_y, self.ways_of(support_y))).items():
             params[f"{name}.weight"] = params[f"{name}.weight"] * (1 + gamma)
             params[f"{name}.bias"] = params[f"{name}.bias"] + beta
         return params
 
-    def _embed_with(self, params: Params, x: Tensor) -> Tensor:
-        return functional_call(self.backbone, params, (x,)).flatten(1)
+    def task_features(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        """Support and query features of one task (step 1): the protocol's embeddings, transformed by ``features``."""
+        params = self.backbone_parameters(support_x, support_y, query_x, training)
+        support_z, query_z = episode_outputs(
+            lambda x: functional_call(self.backbone, params, (x,)).flatten(1),
+            support_x, query_x, self.protocol(training), self.joint_embedding, self.vectorize,
+        )
+        if self.features == "raw":
+            return support_z, query_z
+        centre = support_z.mean(0, keepdim=True)
+        return F.normalize(support_z - centre, dim=-1), F.normalize(query_z - centre, dim=-1)
 
-    def initial_head(self, support_z: Tensor, support_y: Tensor, init: str = "generated") -> Params:
-        """``{"weight": [N, D], "bias": [N]}``: generated from the support embeddings, zero, or random."""
-        ways = self.ways_of(support_y)
-        if init == "generated":
-            weight, bias = self.generator(class_means(support_z, support_y, ways))
-        elif init == "zero":
-            weight, bias = support_z.new_zeros(ways, support_z.shape[-1]), support_z.new_zeros(ways)
-        elif init == "random":
-            # nn.Linear's default initialization.
-            bound = 1.0 / math.sqrt(support_z.shape[-1])
-            weight = (torch.rand(ways, support_z.shape[-1], device=support_z.device, dtype=support_z.dtype) * 2 - 1) * bound
-            bias = (torch.rand(ways, device=support_z.device, dtype=support_z.dtype) * 2 - 1) * bound
-        else:
-            raise ConfigError(f"init must be one of {INITS}, got {init!r}")
+    def initial_head(self, support_z: Tensor, support_y: Tensor, init: str | None = None) -> Params:
+        """``{"weight": [N, D], "bias": [N]}`` where fine-tuning starts: ``generator``'s head, or ``init``'s."""
+        init = init or self.generator_kind
+        ways, dim = self.ways_of(support_y), support_z.shape[-1]
+        if init == "zero":
+            return {"weight": support_z.new_zeros(ways, dim), "bias": support_z.new_zeros(ways)}
+        if init == "random":  # nn.Linear's default initialization
+            bound = 1.0 / math.sqrt(dim)
+            weight = (torch.rand(ways, dim, device=support_z.device, dtype=support_z.dtype) * 2 - 1) * bound
+            return {"weight": weight, "bias": (torch.rand(ways, device=support_z.device, dtype=support_z.dtype) * 2 - 1) * bound}
+        means = class_means(support_z, support_y, ways)
+        if init == "prototype":
+            return {"weight": 2 * means, "bias": -means.pow(2).sum(-1)}
+        if init not in INITS or self.generator is None or init != self.generator_kind:
+            raise ConfigError(f"init must be one of {('zero', 'random', 'prototype', self.generator_kind)}, got {init!r}")
+        weight, bias = self.generator(means)
         return {"weight": weight, "bias": bias}
 
-    def steps(self, training: bool) -> int:
-        return self.inner_steps if training else self.eval_inner_steps
+    def logits(self, z: Tensor, head: Params) -> Tensor:
+        """``tau * (z W^T + b)``."""
+        return self.temperature * F.linear(z, head["weight"], head["bias"])
 
-    def adapted_logits(
-        self,
-        support_x: Tensor,
-        support_y: Tensor,
-        query_x: Tensor,
-        training: bool,
-        steps: int | None = None,
-        init: str = "generated",
-    ) -> list[Tensor]:
-        """Query logits of one task after ``0, 1, ..., steps`` fine-tuning steps (``steps`` defaults to the setting's).
-
-        Args:
-            support_x, support_y, query_x: one task (no task dimension).
-            training: meta-training (keeps the graph for the meta-gradient) or evaluation.
-            steps: fine-tuning steps; ``None`` uses ``inner_steps`` or ``eval_inner_steps``.
-            init: where fine-tuning starts: ``"generated"`` (the method), or the ``"zero"``/``"random"`` baselines.
-        """
+    def head_trajectory(
+        self, support_z: Tensor, support_y: Tensor, training: bool, steps: int | None = None, init: str | None = None
+    ) -> list[Params]:
+        """The head before and after each fine-tuning step on one task's support features: ``[(W, b)_0, ..., (W, b)_k]``."""
         steps = self.steps(training) if steps is None else steps
-        first_order = self.first_order or not training
-        scale = self.inner_loss_scale() if training else 1.0
-        backbone_params = self.backbone_parameters(support_x, support_y, query_x, training)
-        protocol = self.protocol(training)
-        if self.finetune == "head":
-            support_z, query_z = episode_outputs(
-                lambda x: self._embed_with(backbone_params, x), support_x, query_x, protocol, self.joint_embedding, self.vectorize
-            )
-            trajectory = adapt(
-                self._linear,
-                self.initial_head(support_z, support_y, init),
-                support_z,
-                support_y,
-                loss_fn=task_loss,
-                steps=steps,
-                step_size=self.inner_lr,
-                first_order=first_order,
-                loss_scale=scale,
-            )
-            return [F.linear(query_z, p["weight"], p["bias"]) for p in trajectory]
-        # finetune == "all": the whole task model adapts; every pass sees one set.
-        support_z = self._embed_with(backbone_params, support_x)
-        start = {f"backbone.{k}": v for k, v in backbone_params.items()}
-        start.update(self.initial_head(support_z, support_y, init))
-        buffers = {f"backbone.{k}": v for k, v in self.backbone.named_buffers()}
-        trajectory = adapt(
-            self._classifier,
-            start,
-            support_x,
+        head = self.initial_head(support_z, support_y, init)
+        return adapt(
+            self._head,
+            head,
+            support_z,
             support_y,
             loss_fn=task_loss,
             steps=steps,
-            step_size=self.inner_lr,
-            first_order=first_order,
-            context=buffers,
-            loss_scale=scale,
+            step_size=self.step_sizes(support_z, self.step_scale(support_z, support_y, head) if steps else 1.0),
+            first_order=self.first_order or not training,
+            context={"temperature": self.temperature},
+            loss_scale=self.inner_loss_scale() if training else 1.0,
         )
-        return [
-            query_outputs(lambda x: functional_call(self._classifier, {**buffers, **p}, (x,)), support_x, query_x, protocol, self.vectorize)
-            for p in trajectory
-        ]
 
     # ---------------------------------------------------------------------------------------------- MetaLearner
     def task_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, training: bool) -> tuple[Tensor, Tensor]:
-        if training:
-            logits = self.adapted_logits(support_x, support_y, query_x, training)[-1]
-        else:
+        if not training:
             # Evaluation needs no meta-gradient. torch.func.grad ignores an enclosing no_grad, so the fine-tuning
             # steps still differentiate; only the graph back to the meta-parameters is not built.
             with torch.no_grad():
-                logits = self.adapted_logits(support_x, support_y, query_x, training)[-1]
-        return task_loss(logits, query_y), logits
+                return self._task_objective(support_x, support_y, query_x, query_y, training)
+        return self._task_objective(support_x, support_y, query_x, query_y, training)
 
-    def task_metrics(self, batch: TaskBatch) -> dict[str, Tensor]:
-        """Query loss and accuracy after fine-tuning, and (``_pre``) of the generated initialization before it."""
+    def _task_objective(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        support_z, query_z = self.task_features(support_x, support_y, query_x, training)
+        trajectory = self.head_trajectory(support_z, support_y, training)
+        logits = self.logits(query_z, trajectory[-1])
+        objective = task_loss(logits, query_y)
+        weight = self.pre_loss_weight_at(self.global_step)
+        if training and len(trajectory) > 1 and weight > 0:
+            objective = objective + weight * task_loss(self.logits(query_z, trajectory[0]), query_y)
+        return objective, logits
 
-        def both(sx: Tensor, sy: Tensor, qx: Tensor) -> tuple[Tensor, Tensor]:
+    def stability(self, support_z: Tensor, support_y: Tensor, head: Params, rates: dict[str, Tensor | float]) -> Tensor:
+        """``lambda_max(P^1/2 H P^1/2)``: ``alpha * lambda_max`` of a fine-tuning step with per-entry ``rates`` ``P``
+        from ``head``, ``H`` the Hessian of the support loss there (below 2 the step does not diverge; below 1 it does
+        not oscillate)."""
+        sqrt_p = {k: torch.as_tensor(rates[k], dtype=v.dtype, device=v.device).sqrt().expand_as(v) for k, v in head.items()}
+        return _top_eigenvalue(lambda p: task_loss(self.logits(support_z, p), support_y), head, sqrt_p)
+
+    def trajectory_metrics(self, batch: TaskBatch, training: bool = False, steps: int | None = None, init: str | None = None) -> dict[str, Tensor]:
+        """Per-task diagnostics of the fine-tuning (``[T]`` each), without a meta-gradient.
+
+        ``acc``/``loss`` after the last step, ``acc_pre``/``loss_pre`` of the initial head, ``acc_step{j}``/
+        ``loss_step{j}`` after each step ``j``, ``stability`` (the largest ``alpha * lambda_max`` over the steps, see
+        :meth:`stability`) and ``drift`` (``|(W, b)_k - (W, b)_0| / |(W, b)_0|``, not for a zero head).
+        """
+        steps = self.steps(training) if steps is None else steps
+        init = init or self.generator_kind
+
+        def per_task(sx: Tensor, sy: Tensor, qx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             with torch.no_grad():
-                trajectory = self.adapted_logits(sx, sy, qx, training=False)
-            return trajectory[0], trajectory[-1]
+                support_z, query_z = self.task_features(sx, sy, qx, training)
+                trajectory = self.head_trajectory(support_z, sy, False, steps, init)
+                logits = torch.stack([self.logits(query_z, p) for p in trajectory])
+                if steps:
+                    rates = self.step_sizes(support_z, self.step_scale(support_z, sy, trajectory[0]))
+                    stability = torch.stack([self.stability(support_z, sy, p, rates(j)) for j, p in enumerate(trajectory[:-1])]).max()
+                else:
+                    stability = support_z.new_zeros(())
+                start, end = trajectory[0], trajectory[-1]
+                change = torch.sqrt(sum((end[k] - start[k]).pow(2).sum() for k in start))
+                drift = change / torch.sqrt(sum(start[k].pow(2).sum() for k in start)).clamp_min(1e-12)
+            return logits, stability, drift
 
         with self.episode_ways(batch):
-            before, after = map_tasks(
-                both, batch.support_x, batch.support_y, batch.query_x, vectorize=self.vectorize, chunk_size=self.chunk_size
+            logits, stability, drift = map_tasks(
+                per_task, batch.support_x, batch.support_y, batch.query_x, vectorize=self.vectorize, chunk_size=self.chunk_size
             )
-        return {
-            "acc": self._per_task(task_metric, after, batch.query_y),
-            "loss": self._per_task(task_loss, after, batch.query_y),
-            "acc_pre": self._per_task(task_metric, before, batch.query_y),
-            "loss_pre": self._per_task(task_loss, before, batch.query_y),
-        }
-
-    def metrics_by_step(self, batch: TaskBatch, steps: int | None = None, init: str = "generated") -> dict[str, Tensor]:
-        """Query ``acc`` and ``loss`` (``[steps + 1, T]`` each) of every task after ``0..steps`` fine-tuning steps.
-
-        For analysis: compares the generated initialization with ``"zero"``/``"random"`` heads, before and after
-        fine-tuning (``steps`` defaults to ``eval_inner_steps``).
-        """
-        self._require_grad_mode()
-
-        def per_task(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
-            with torch.no_grad():
-                return torch.stack(self.adapted_logits(sx, sy, qx, training=False, steps=steps, init=init))
-
-        with torch.enable_grad(), self.episode_ways(batch), self.inner_loop_precision(), self.evaluation_normalization():
-            logits = map_tasks(per_task, batch.support_x, batch.support_y, batch.query_x, vectorize=self.vectorize, chunk_size=self.chunk_size)
         logits = logits.transpose(0, 1)  # [steps + 1, T, Q, N]
-        targets = batch.query_y.expand(logits.shape[0], -1, -1)
-        loss = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(targets.shape).mean(-1)
-        return {"acc": (logits.argmax(-1) == targets).float().mean(-1), "loss": loss}
+        targets = batch.query_y
+        values = {"acc": self._per_task(task_metric, logits[-1], targets), "loss": self._per_task(task_loss, logits[-1], targets)}
+        for j in range(steps + 1):
+            suffix = "_pre" if j == 0 else f"_step{j}"
+            values[f"acc{suffix}"] = self._per_task(task_metric, logits[j], targets)
+            values[f"loss{suffix}"] = self._per_task(task_loss, logits[j], targets)
+        values["stability"] = stability
+        if init != "zero":
+            values["drift"] = drift
+        return values
+
+    def task_metrics(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """Query loss and accuracy after fine-tuning, and the diagnostics of :meth:`trajectory_metrics`."""
+        return self.trajectory_metrics(batch, training=False)
+
+    def metrics_by_step(self, batch: TaskBatch, steps: int | None = None, init: str | None = None) -> dict[str, Tensor]:
+        """Query ``acc`` and ``loss`` (``[steps + 1, T]`` each) after ``0..steps`` fine-tuning steps from the
+        generated head or another ``init`` (``"zero"``, ``"random"``, ``"prototype"``), under the evaluation protocol."""
+        self._require_grad_mode()
+        steps = self.eval_inner_steps if steps is None else steps
+        with torch.enable_grad(), self.inner_loop_precision(), self.evaluation_normalization():
+            values = self.trajectory_metrics(batch, training=False, steps=steps, init=init)
+        names = ["_pre", *(f"_step{j}" for j in range(1, steps + 1))]
+        return {key: torch.stack([values[f"{key}{n}"] for n in names]) for key in ("acc", "loss")}
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.monitor_every and batch_idx % self.monitor_every == 0:
+            # Logged per step and averaged per epoch; the stability's running maximum is logged with every step.
+            values = self.trajectory_metrics(batch, training=True)
+            self.max_stability.copy_(torch.maximum(self.max_stability, values["stability"].max()))
+            for key in ("acc_pre", "loss_pre", "drift"):
+                if key in values:
+                    self.log(f"train/{key}", values[key].mean(), on_step=True, on_epoch=True, batch_size=batch.num_tasks)
+            self.log("train/stability", values["stability"].max(), on_step=True, on_epoch=True, reduce_fx="max", batch_size=batch.num_tasks)
+        self.log("train/stability_max", self.max_stability, batch_size=batch.num_tasks)
+        self.log("train/temperature", self.temperature.detach(), batch_size=batch.num_tasks)
+        return loss
