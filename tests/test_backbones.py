@@ -248,13 +248,39 @@ def test_native_norms_are_refused_where_vmapped_second_order_gradients_would_be_
 
     with pytest.raises(ConfigError, match=f"MAML: the backbone's {layer} gives wrong second-order gradients under vmap; normalize with lit_meta.BatchStatNorm instead, or set vectorize: false or first_order: true"):
         MAML(UserNet(norm()))
-    with pytest.raises(ConfigError, match="MetaBGD: .* gives wrong second-order gradients under vmap"):
-        MetaBGD(UserNet(norm(), head=False), embedding_dim=4 * 8 * 8)
     # Each fix is accepted: a per-task loop, first-order gradients, or the norm outside the module the inner loop
-    # differentiates through (ANIL adapts only the head of a backbone with embed; the norm is in the body).
+    # differentiates through (ANIL and MetaBGD adapt only a head; the norm is in the body).
     MAML(UserNet(norm()), vectorize=False)
     MAML(UserNet(norm()), first_order=True)
     ANIL(UserNet(norm()))
+    MetaBGD(UserNet(norm(), head=False), embedding_dim=4 * 8 * 8)
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [lambda: nn.BatchNorm2d(4, track_running_stats=False), lambda: nn.InstanceNorm2d(4, affine=True), lambda: nn.LayerNorm([4, 8, 8])],
+    ids=["batchnorm", "instancenorm-affine", "layernorm-affine"],
+)
+def test_head_only_inner_loop_is_exact_with_native_norms(norm):
+    """Why MetaBGD accepts native affine norms: its inner loop differentiates the head alone, so the backbone is
+    differentiated once, and the vmapped second-order meta-gradient equals the per-task loop's."""
+    from datamodules.task_batch import TaskBatch
+    from lit_meta import MetaBGD
+
+    torch.manual_seed(0)
+    batch = TaskBatch(
+        torch.randn(3, 10, 1, 8, 8, dtype=torch.float64), torch.arange(5).repeat(2).expand(3, -1).clone(),
+        torch.randn(3, 15, 1, 8, 8, dtype=torch.float64), torch.arange(5).repeat(3).expand(3, -1).clone(),
+    )
+    grads = []
+    for vectorize in (True, False):
+        torch.manual_seed(1)
+        model = MetaBGD(UserNet(norm(), head=False), embedding_dim=4 * 8 * 8, generator_hidden=16, inner_steps=3, vectorize=vectorize).double()
+        with torch.no_grad():
+            model.generator.decoder[-1].weight.normal_(std=0.1)  # zero-initialised: no gradient would reach the rest
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(model.meta_loss(batch), list(model.parameters()))]))
+    assert (grads[0] - grads[1]).norm() <= 1e-10 * grads[1].norm()
+    assert grads[1].norm() > 0
 
 
 @pytest.mark.parametrize(

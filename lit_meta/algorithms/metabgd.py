@@ -502,7 +502,8 @@ class MetaBGD(EmbeddingMetaLearner):
         if self.monitor_every and batch_idx % self.monitor_every == 0:
             # Logged per step and averaged per epoch; the stability's running maximum is logged with every step.
             values = self.trajectory_metrics(batch, training=True)
-            self.max_stability.copy_(torch.maximum(self.max_stability, values["stability"].max()))
+            # The largest over every rank's tasks, so the buffer stays identical on all ranks.
+            self.max_stability.copy_(torch.maximum(self.max_stability, self.all_gather(values["stability"].max()).max()))
             for key in ("acc_pre", "loss_pre", "drift"):
                 if key in values:
                     self.log(f"train/{key}", values[key].mean(), on_step=True, on_epoch=True, batch_size=batch.num_tasks)
