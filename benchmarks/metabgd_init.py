@@ -3,7 +3,7 @@ features of real Omniglot test episodes.
 
     python benchmarks/metabgd_init.py --root data/omniglot            # 5-way and 20-way 1-shot, 100 episodes each
 
-One row per ablation config (``configs/omniglot_metabgd_ablation_20w1s_*.yaml``), built from the config with a freshly
+One row per ablation config (``configs/omniglot_metabgd_ablation_*_20w1s.yaml``), built from the config with a freshly
 initialised Conv-4 (seed 0), evaluated on the config's test episodes re-shaped to each way count, with transductive
 batch statistics (a model that has not trained has no running statistics). Columns: accuracy of the initial head
 and after the config's fine-tuning steps, the largest ``alpha * lambda_max`` of a fine-tuning step (below 2 a step
@@ -64,7 +64,7 @@ def main() -> None:
     print(f"{'variant':>15} | {'ways':>4} | {'initial head':>14} | {'fine-tuned':>14} | {'alpha*lambda':>12} | {'drift':>6} | {'cos(means)':>10}")
     print("-" * 96)
     for variant in VARIANTS:
-        config = read_config(f"omniglot_metabgd_ablation_20w1s_{variant}.yaml")
+        config = read_config(f"omniglot_metabgd_ablation_{variant}_20w1s.yaml")
         for ways in args.ways:
             torch.manual_seed(0)
             model = build_model(config, normalization="transductive", eval_inner_steps=5)

@@ -270,9 +270,9 @@ def test_fce_needs_the_embedding_size() -> None:
         lambda: MetaBGD(TinyEmbedding(), inner_steps=1),
         lambda: MetaBGD(TinyEmbedding(), inner_steps=1, first_order=True, learn_inner_lr=True, set_context=False),
         lambda: MetaBGD(TinyEmbedding(), inner_steps=1, film=True),
-        lambda: MetaBGD(TinyEmbedding(), inner_steps=1, film=True, finetune="all"),
+        lambda: MetaBGD(TinyEmbedding(), inner_steps=1, generator="prototype"),
     ],
-    ids=["proto", "proto-cosine-learned", "matching", "matching-fce", "metabgd", "metabgd-fo-lr", "metabgd-film", "metabgd-all"],
+    ids=["proto", "proto-cosine-learned", "matching", "matching-fce", "metabgd", "metabgd-fo-lr", "metabgd-film", "metabgd-prototype"],
 )
 def test_every_parameter_receives_a_gradient_in_every_step(make) -> None:
     # So DDP runs with find_unused_parameters=False (the default strategy) for every configuration.

@@ -181,7 +181,8 @@ def _top_eigenvalue(loss: Callable[[Params], Tensor], at: Params, sqrt_p: Params
     v = {k: torch.sin(torch.arange(t.numel(), dtype=t.dtype, device=t.device) * 12.9898 + 1.0).view_as(t) for k, t in at.items()}
     value = next(iter(at.values())).new_zeros(())
     for _ in range(iterations):
-        norm = torch.sqrt(sum(t.pow(2).sum() for t in v.values()))
+        # Clamped: a zero operator (all rates zero) has top eigenvalue 0, not 0 / 0.
+        norm = torch.sqrt(sum(t.pow(2).sum() for t in v.values())).clamp_min(torch.finfo(value.dtype).tiny)
         v = {k: t / norm for k, t in v.items()}
         hv = operator(v)
         value = sum((hv[k] * v[k]).sum() for k in v)
@@ -336,10 +337,13 @@ class MetaBGD(EmbeddingMetaLearner):
 
     def curvature(self, support_z: Tensor, support_y: Tensor, head: Params) -> Tensor:
         """``lambda_max`` of the support loss's Hessian at ``head`` (power iteration), detached, at least ``C / 1000``."""
-        # A step-size normaliser, not part of the objective: no gradient flows through it.
-        z, tau = support_z.detach(), self.temperature.detach()
-        value = _top_eigenvalue(lambda p: task_loss(tau * F.linear(z, p["weight"], p["bias"]), support_y), {k: v.detach() for k, v in head.items()}, None)
-        return torch.maximum(value, 1e-3 * self.curvature_bound(z).detach())
+        # A step-size normaliser, not part of the objective: no gradient flows through it. Float32 without autocast:
+        # Hessian-vector products overflow in half precision.
+        z, tau = support_z.detach().float(), self.temperature.detach().float()
+        with torch.autocast(z.device.type, enabled=False):
+            value = _top_eigenvalue(lambda p: task_loss(tau * F.linear(z, p["weight"], p["bias"]), support_y), {k: v.detach().float() for k, v in head.items()}, None)
+            value = torch.maximum(value, 1e-3 * 0.5 * tau**2 * (z.pow(2).sum(-1) + 1).mean())
+        return value.to(support_z.dtype)
 
     def step_sizes(self, support_z: Tensor, scale: Tensor | float = 1.0) -> Callable[[int], dict[str, Tensor | float]]:
         """``step -> {"weight": rate [D] or float, "bias": rate}``: the per-entry step sizes, ``a_j / scale``."""
@@ -457,14 +461,18 @@ class MetaBGD(EmbeddingMetaLearner):
                 support_z, query_z = self.task_features(sx, sy, qx, training)
                 trajectory = self.head_trajectory(support_z, sy, False, steps, init)
                 logits = torch.stack([self.logits(query_z, p) for p in trajectory])
-                if steps:
-                    rates = self.step_sizes(support_z, self.step_scale(support_z, sy, trajectory[0]))
-                    stability = torch.stack([self.stability(support_z, sy, p, rates(j)) for j, p in enumerate(trajectory[:-1])]).max()
-                else:
-                    stability = support_z.new_zeros(())
-                start, end = trajectory[0], trajectory[-1]
-                change = torch.sqrt(sum((end[k] - start[k]).pow(2).sum() for k in start))
-                drift = change / torch.sqrt(sum(start[k].pow(2).sum() for k in start)).clamp_min(1e-12)
+                # The diagnostics in float32 without autocast (power iteration overflows in half precision).
+                with torch.autocast(support_z.device.type, enabled=False):
+                    z = support_z.float()
+                    heads = [{k: v.float() for k, v in p.items()} for p in trajectory]
+                    if steps:
+                        rates = self.step_sizes(z, self.step_scale(z, sy, heads[0]))
+                        stability = torch.stack([self.stability(z, sy, p, rates(j)) for j, p in enumerate(heads[:-1])]).max()
+                    else:
+                        stability = z.new_zeros(())
+                    start, end = heads[0], heads[-1]
+                    change = torch.sqrt(sum((end[k] - start[k]).pow(2).sum() for k in start))
+                    drift = change / torch.sqrt(sum(start[k].pow(2).sum() for k in start)).clamp_min(1e-12)
             return logits, stability, drift
 
         with self.episode_ways(batch):
