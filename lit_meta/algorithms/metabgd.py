@@ -167,6 +167,10 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _top_eigenvalue(loss: Callable[[Params], Tensor], at: Params, sqrt_p: Params | None, iterations: int = POWER_ITERATIONS) -> Tensor:
     """The largest eigenvalue of ``P^1/2 H P^1/2`` (``H``: ``loss``'s Hessian at ``at``; ``P = I`` without ``sqrt_p``)
     by power iteration on Hessian-vector products (forward over reverse mode, so it runs inside ``vmap``)."""
@@ -339,9 +343,9 @@ class MetaBGD(EmbeddingMetaLearner):
         """``lambda_max`` of the support loss's Hessian at ``head`` (power iteration), detached, at least ``C / 1000``."""
         # A step-size normaliser, not part of the objective: no gradient flows through it. Float32 without autocast:
         # Hessian-vector products overflow in half precision.
-        z, tau = support_z.detach().float(), self.temperature.detach().float()
+        z, tau = _at_least_fp32(support_z.detach()), self.temperature.detach()
         with torch.autocast(z.device.type, enabled=False):
-            value = _top_eigenvalue(lambda p: task_loss(tau * F.linear(z, p["weight"], p["bias"]), support_y), {k: v.detach().float() for k, v in head.items()}, None)
+            value = _top_eigenvalue(lambda p: task_loss(tau * F.linear(z, p["weight"], p["bias"]), support_y), {k: _at_least_fp32(v.detach()) for k, v in head.items()}, None)
             value = torch.maximum(value, 1e-3 * 0.5 * tau**2 * (z.pow(2).sum(-1) + 1).mean())
         return value.to(support_z.dtype)
 
@@ -463,8 +467,8 @@ class MetaBGD(EmbeddingMetaLearner):
                 logits = torch.stack([self.logits(query_z, p) for p in trajectory])
                 # The diagnostics in float32 without autocast (power iteration overflows in half precision).
                 with torch.autocast(support_z.device.type, enabled=False):
-                    z = support_z.float()
-                    heads = [{k: v.float() for k, v in p.items()} for p in trajectory]
+                    z = _at_least_fp32(support_z)
+                    heads = [{k: _at_least_fp32(v) for k, v in p.items()} for p in trajectory]
                     if steps:
                         rates = self.step_sizes(z, self.step_scale(z, sy, heads[0]))
                         stability = torch.stack([self.stability(z, sy, p, rates(j)) for j, p in enumerate(heads[:-1])]).max()
