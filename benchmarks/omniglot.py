@@ -114,7 +114,9 @@ def build_model(args: argparse.Namespace, seconds: float) -> pl.LightningModule:
             first_order=args.method == "fomaml" or args.first_order,
             **common,
         )
-    return MetaBGD(backbone, inner_lr=args.inner_lr, inner_steps=args.inner_steps, first_order=args.first_order, **common)
+    return MetaBGD(
+        backbone, inner_lr=args.inner_lr, inner_steps=args.inner_steps, eval_inner_steps=args.eval_inner_steps, first_order=args.first_order, **common
+    )
 
 
 def init_from(model: pl.LightningModule, path: Path) -> None:
