@@ -88,44 +88,33 @@ class _SetEncoder(nn.Module):
         return e
 
 
-class ResidualGenerator(nn.Module):
-    """Class means ``[N, D]`` -> head ``(normalize(mu_c + Delta_c) [N, D], b [N])`` (step 3 of the module docstring).
+class HeadGenerator(nn.Module):
+    """Class means ``[N, D]`` -> head ``(W [N, D], b [N])``: a set encoder and an MLP decoder.
+
+    With ``residual`` (step 3 of the module docstring) the rows are ``normalize(mu_c + Delta_c)`` and the decoder's
+    last layer starts at zero, so training begins as a cosine prototype classifier; without it the decoder's output
+    is the head itself (the plain MLP generator).
 
     Args:
         dim: embedding size ``D``.
         hidden: width of the set encoder and of the decoder.
         set_context: give each class's decoder the mean code of all classes of the task.
+        residual: a residual over the class means (see above).
     """
 
-    def __init__(self, dim: int, hidden: int = 256, set_context: bool = True) -> None:
+    def __init__(self, dim: int, hidden: int = 256, set_context: bool = True, residual: bool = True) -> None:
         super().__init__()
+        self.residual = residual
         self.set_encoder = _SetEncoder(dim, hidden, set_context)
         # No bias on the output layer: a bias shared by the classes shifts every logit alike and never gets a gradient.
         self.decoder = nn.Sequential(nn.Linear(self.set_encoder.out_features, hidden), nn.ReLU(), nn.Linear(hidden, dim + 1, bias=False))
-        # Zero residual at the start: training begins as a cosine prototype classifier.
-        nn.init.zeros_(self.decoder[-1].weight)
+        if residual:
+            nn.init.zeros_(self.decoder[-1].weight)
 
     def forward(self, means: Tensor) -> tuple[Tensor, Tensor]:
         out = self.decoder(self.set_encoder(means))
-        return F.normalize(means + out[..., :-1], dim=-1), out[..., -1]
-
-
-class MLPGenerator(nn.Module):
-    """Class means ``[N, D]`` -> head ``(W [N, D], b [N])`` from a plain MLP: the generator without a residual.
-
-    Args:
-        dim: embedding size ``D``.
-        hidden: width of the set encoder and of the decoder.
-        set_context: give each class's decoder the mean code of all classes of the task.
-    """
-
-    def __init__(self, dim: int, hidden: int = 256, set_context: bool = True) -> None:
-        super().__init__()
-        self.set_encoder = _SetEncoder(dim, hidden, set_context)
-        self.decoder = nn.Sequential(nn.Linear(self.set_encoder.out_features, hidden), nn.ReLU(), nn.Linear(hidden, dim + 1, bias=False))
-
-    def forward(self, means: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.decoder(self.set_encoder(means))
+        if self.residual:
+            return F.normalize(means + out[..., :-1], dim=-1), out[..., -1]
         return out[..., :-1], out[..., -1]
 
 
@@ -297,8 +286,8 @@ class MetaBGD(EmbeddingMetaLearner):
             nn.Parameter(torch.full((inner_steps, dim + 1), _logit(inner_lr / max_inner_lr))) if learned_rates else None
         )
         self.inner_lr = float(inner_lr)
-        generators = {"residual": ResidualGenerator, "mlp": MLPGenerator}
-        self.generator = generators[generator](dim, generator_hidden, set_context) if generator in generators else None
+        learned = generator in ("residual", "mlp")
+        self.generator = HeadGenerator(dim, generator_hidden, set_context, residual=generator == "residual") if learned else None
         self.film = None
         if film:
             channels = {name: module.weight.numel() for name, module in self.backbone.named_modules() if isinstance(module, BatchStatNorm)}
