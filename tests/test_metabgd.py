@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from datamodules.base import EpisodicDataModule
 from datamodules.errors import ConfigError
 from datamodules.task_batch import TaskBatch
-from lit_meta.algorithms.metabgd import MetaBGD, _top_eigenvalue
+from lit_meta.algorithms.metabgd import MetaBGD, _top_eigenvalue, head_hessian_product
 from lit_meta.backbones import BatchStatNorm
 
 FEATURES, HIDDEN, DIM, WAYS = 12, 16, 8, 4
@@ -209,6 +209,18 @@ def explicit_hessian(model: MetaBGD, zs: Tensor, sy: Tensor, head: dict[str, Ten
     return torch.autograd.functional.hessian(loss, torch.cat([head["weight"].flatten(), head["bias"]]))
 
 
+def test_closed_form_hessian_product_equals_autograd() -> None:
+    g = torch.Generator().manual_seed(5)
+    z, y, tau = torch.randn(12, 7, generator=g, dtype=torch.float64), torch.arange(4).repeat(3), torch.tensor(3.0, dtype=torch.float64)
+    head = {"weight": torch.randn(4, 7, generator=g, dtype=torch.float64), "bias": torch.randn(4, generator=g, dtype=torch.float64)}
+    v = {"weight": torch.randn(4, 7, generator=g, dtype=torch.float64), "bias": torch.randn(4, generator=g, dtype=torch.float64)}
+    loss = lambda p: F.cross_entropy(tau * (z @ p["weight"].T + p["bias"]), y)  # noqa: E731
+    expected = torch.func.jvp(torch.func.grad(loss), (head,), (v,))[1]
+    product = head_hessian_product(z, tau, head)(v)
+    for k in head:
+        torch.testing.assert_close(product[k], expected[k], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("features", ["normalized", "raw"])
 def test_stability_monitor_equals_the_explicit_hessian_eigenvalue(features: str) -> None:
     torch.manual_seed(3)
@@ -223,9 +235,9 @@ def test_stability_monitor_equals_the_explicit_hessian_eigenvalue(features: str)
         head = {k: v.detach() for k, v in model.initial_head(zs, sy).items()}
     hessian = explicit_hessian(model, zs, sy, head)
     top = torch.linalg.eigvalsh(hessian)[-1]
-    loss = lambda p: F.cross_entropy(model.log_temperature.exp().detach() * (zs @ p["weight"].T + p["bias"]), sy)  # noqa: E731
+    product = head_hessian_product(zs, model.log_temperature.exp().detach(), head)
     # Power iteration converges to the top eigenvalue from below (a Rayleigh quotient); the default count gets close.
-    assert float(_top_eigenvalue(loss, head, None, iterations=2000)) == pytest.approx(float(top), rel=1e-8)
+    assert float(_top_eigenvalue(product, head, None, iterations=2000)) == pytest.approx(float(top), rel=1e-8)
     curvature = float(model.curvature(zs, sy, head))
     assert float(top) * 0.97 <= curvature <= float(top) * (1 + 1e-9)
     assert float(top) <= float(model.curvature_bound(zs))  # the bound C of the module docstring
@@ -234,7 +246,7 @@ def test_stability_monitor_equals_the_explicit_hessian_eigenvalue(features: str)
     p = torch.cat([torch.as_tensor(rates["weight"]).expand_as(head["weight"]).flatten(), torch.as_tensor(rates["bias"]).expand_as(head["bias"])])
     expected = torch.linalg.eigvalsh(p.sqrt().unsqueeze(1) * hessian * p.sqrt().unsqueeze(0))[-1]
     sqrt_p = {k: torch.as_tensor(rates[k]).sqrt().expand_as(v) for k, v in head.items()}
-    assert float(_top_eigenvalue(loss, head, sqrt_p, iterations=2000)) == pytest.approx(float(expected), rel=1e-8)
+    assert float(_top_eigenvalue(product, head, sqrt_p, iterations=2000)) == pytest.approx(float(expected), rel=1e-8)
     assert float(expected) * 0.97 <= float(model.stability(zs, sy, head, rates)) <= float(expected) * (1 + 1e-9)
     # At the initial head, dividing the rates by the curvature keeps alpha * lambda_max below the largest rate.
     assert float(expected) <= float(model.rate(1).max()) / 0.97
