@@ -54,11 +54,11 @@ def test_fit_then_test_sinusoid(tmp_path):
         (["fit", "--config", str(SINUSOID), "--model.init_args.no_such_key=1"], "no_such_key"),
         (["fit", "--config", str(SINUSOID), "--data.init_args.shots=0"], "shots must be a positive integer"),
         (["fit", "--config", str(SINUSOID), "--data.init_args.queries=-3"], "queries must be a positive integer"),
-        (["fit", "--config", str(SINUSOID), "--model.init_args.inner_steps=0"], "inner_steps must be a positive integer"),
+        (["fit", "--config", str(SINUSOID), "--model.init_args.inner_steps=-1"], "inner_steps must be a non-negative integer"),
         (["fit", "--config", str(SINUSOID), "--model=lit_meta.NoSuchAlgorithm"], "NoSuchAlgorithm"),
         (["fit", "--config", str(SINUSOID), "--data=datamodules.NoSuchData"], "NoSuchData"),
     ],
-    ids=["missing-config", "malformed-config", "unknown-key", "zero-shots", "negative-queries", "zero-steps", "unknown-model", "unknown-data"],
+    ids=["missing-config", "malformed-config", "unknown-key", "zero-shots", "negative-queries", "negative-steps", "unknown-model", "unknown-data"],
 )
 def test_bad_input_gives_one_line_error(tmp_path, monkeypatch, capsys, args, message):
     # In-process (same code path as ``python -m lit_meta``, without paying for a new interpreter per case).

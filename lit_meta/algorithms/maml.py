@@ -33,6 +33,11 @@ all of them off this is exactly MAML:
 MAML++'s per-step batch-norm statistics and weights (BNRS/BNWB) are not needed: the backbones normalise with the
 statistics of the batch at hand (:class:`~lit_meta.backbones.BatchStatNorm`), in training and evaluation.
 
+**Pre-training on all tasks** (``inner_steps: 0``): with no inner step the outer objective is the query loss of
+``theta`` itself, ``(1/T) sum_t L_Q^t(theta)``, the ordinary loss pooled over the tasks of each batch; evaluation
+still fine-tunes by ``eval_inner_steps`` SGD steps of ``inner_lr`` on the support set. This is Finn et al.'s
+"pretrained" baseline (``configs/sinusoid_pretrained.yaml``).
+
 **Normalization at evaluation** (``normalization``, see :mod:`lit_meta.normalization`): ``"transductive"`` normalizes
 the query set with its own batch statistics, as the reference MAML (a prediction then depends on the other queries,
 so the number of test queries is part of the protocol); ``"support"`` with the support set's; ``"per_query"`` each
@@ -81,7 +86,7 @@ class MAML(MetaLearner):
     Args:
         backbone: the network being meta-learned.
         inner_lr: the inner learning rate alpha (with ``lslr``: the initial value of every learned rate).
-        inner_steps: inner gradient steps during meta-training.
+        inner_steps: inner gradient steps during meta-training; 0 pre-trains on all tasks without adaptation.
         eval_inner_steps: inner gradient steps at validation and test (often more than in training).
         first_order: FOMAML.
         multi_step_loss: MAML++'s multi-step loss (MSL): query losses after every inner step, annealed weights.
@@ -112,8 +117,16 @@ class MAML(MetaLearner):
         **kwargs,
     ) -> None:
         super().__init__(backbone, **kwargs)
+        if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 0:
+            raise ConfigError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+        if inner_steps == 0:
+            if eval_inner_steps is None:
+                raise ConfigError("inner_steps: 0 pre-trains without adaptation: give eval_inner_steps, the fine-tuning steps at test")
+            for name, value in (("multi_step_loss", multi_step_loss), ("lslr", lslr)):
+                if value:
+                    raise ConfigError(f"{name} weights or learns the inner steps of training, and inner_steps is 0: turn {name} off")
         eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
-        require_positive(inner_steps=inner_steps, eval_inner_steps=eval_inner_steps, msl_epochs=msl_epochs)
+        require_positive(eval_inner_steps=eval_inner_steps, msl_epochs=msl_epochs)
         if not isinstance(first_order_epochs, int) or first_order_epochs < 0:
             raise ConfigError(f"first_order_epochs must be a non-negative integer, got {first_order_epochs!r}")
         self.inner_lr = inner_lr

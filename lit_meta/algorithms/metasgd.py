@@ -51,6 +51,8 @@ class MetaSGD(MAML):
     ) -> None:
         if kwargs.get("lslr"):
             raise ConfigError("MetaSGD learns a rate per parameter entry already: lslr cannot be combined with it")
+        if inner_steps == 0:
+            raise ConfigError("MetaSGD learns its rates through the inner steps of training: inner_steps must be positive")
         super().__init__(backbone, inner_lr, inner_steps, eval_inner_steps, first_order, **kwargs)
         self.inner_lrs = nn.ParameterDict(
             {parameter_key(name): nn.Parameter(torch.full_like(p, float(inner_lr))) for name, p in self.fast_parameters().items()}

@@ -127,6 +127,8 @@ class Reptile(MAML):
                 raise ConfigError(f"Reptile has no query loss or inner learning-rate meta-gradient: {name} does not apply")
         kwargs.pop("first_order", None)  # always first order
         kwargs.pop("msl_epochs", None)
+        if inner_steps == 0:
+            raise ConfigError("Reptile moves toward the weights its inner steps reach: inner_steps must be positive")
         if inner_optimizer not in ("adam", "sgd"):
             raise ConfigError(f"inner_optimizer must be 'adam' or 'sgd', got {inner_optimizer!r}")
         for name, value in (("inner_batch_size", inner_batch_size), ("eval_inner_batch_size", eval_inner_batch_size)):
