@@ -16,7 +16,7 @@ from lit_meta.algorithms import (
     ProtoNet,
     Reptile,
 )
-from lit_meta.backbones import BatchStatNorm, Conv4, ResNet12, SinusoidMLP
+from lit_meta.backbones import BatchStatNorm, Conv4, DropBlock, ResNet12, SinusoidMLP
 from lit_meta.metrics import MeanConfidenceInterval
 from lit_meta.prediction import AdaptedModel, PredictionWriter, load_model
 
@@ -34,6 +34,7 @@ __all__ = [
     "ConfigError",
     "Conv4",
     "DataError",
+    "DropBlock",
     "LitMetaError",
     "MeanConfidenceInterval",
     "MetaLearner",

@@ -4,6 +4,9 @@ Every backbone is checked three ways on the same tasks (float64, tiny shapes): M
 (``torch.func.vmap``), MAML's per-task loop, and an independent reference written here with
 ``torch.autograd.grad(create_graph=True)``. Native BatchNorm fails the first comparison (under vmap its
 second-order meta-gradient is silently wrong); these must not.
+
+Also: ResNet-12's DropBlock (its drop pattern and rate against a direct count, the identity in evaluation, exact
+under vmap).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from datamodules import TaskBatch
-from lit_meta import MAML, BatchStatNorm, Conv4, ResNet12, SinusoidMLP
+from lit_meta import MAML, BatchStatNorm, ConfigError, Conv4, DropBlock, ResNet12, SinusoidMLP
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -320,3 +323,108 @@ def test_the_refused_norms_are_the_inexact_ones():
     assert error(lambda: nn.LayerNorm(8, elementwise_affine=False)) < 1e-12
     assert error(lambda: nn.BatchNorm1d(8, affine=False, track_running_stats=False)) < 1e-12
     assert error(lambda: nn.GroupNorm(2, 8)) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------------ DropBlock
+def expected_drop_fraction(rate: float, size: int, h: int, w: int) -> float:
+    """The expected dropped fraction of an ``h x w`` map: a unit survives when none of the block corners that cover
+    it is drawn (each with probability gamma), counted position by position."""
+    gamma = rate / size**2 * h * w / ((h - size + 1) * (w - size + 1))
+
+    def corners(n: int, p: int) -> int:  # top-left corners in 0..n-size whose block covers row (column) p
+        return min(p, n - size) - max(0, p - size + 1) + 1
+
+    kept = [(1 - gamma) ** (corners(h, i) * corners(w, j)) for i in range(h) for j in range(w)]
+    return 1 - sum(kept) / len(kept)
+
+
+@pytest.mark.parametrize("size, side", [(5, 10), (3, 5), (5, 1)], ids=["rfs-10x10", "3x3-on-5x5", "capped-at-1x1"])
+def test_dropblock_drops_whole_blocks_at_the_expected_rate(size, side):
+    torch.manual_seed(0)
+    block = DropBlock(0.1, size).train()
+    x = torch.rand(64, 32, side, side) + 0.5  # positive: a zero in the output is a dropped unit
+    out = block(x)
+    dropped = (out == 0).float()
+    kept = dropped == 0
+    # The kept units are rescaled by units / kept units.
+    torch.testing.assert_close(out[kept], x[kept] * (dropped.numel() / kept.sum()))
+    # The dropped units are a union of whole blocks: a morphological opening by the block leaves them unchanged.
+    capped = min(size, side)
+    whole = -F.max_pool2d(-dropped, capped, stride=1)  # 1 where every unit of the window is dropped
+    assert torch.equal(F.max_pool2d(F.pad(whole, [capped - 1] * 4), capped, stride=1), dropped)
+    # The rate: the fraction dropped per map, averaged, within four standard errors of the expectation.
+    per_map = dropped.mean(dim=(2, 3)).flatten()
+    expected = expected_drop_fraction(0.1, capped, side, side)
+    assert 0.05 < expected <= 0.1
+    assert abs(float(per_map.mean()) - expected) < 4 * float(per_map.std()) / len(per_map) ** 0.5
+
+
+def test_dropblock_is_the_identity_in_evaluation_and_ramps_with_the_training_step():
+    x = torch.rand(4, 3, 10, 10)
+    block = DropBlock(0.2, 5, ramp_steps=100)
+    assert block.eval()(x) is x
+    block.train()
+    assert torch.equal(block(x), x) and block.rate() == 0.0  # step 0 of the ramp
+    block.step = 50
+    assert block.rate() == pytest.approx(0.1) and not torch.equal(block(x), x)
+    block.step = 500
+    assert block.rate() == 0.2
+    assert block.eval()(x) is x
+    # A ResNet-12 with dropout and DropBlock computes in evaluation what the one without computes, from the same
+    # state dict: the option adds no entry, so checkpoints of either load into the other.
+    torch.manual_seed(0)
+    plain = ResNet12(in_channels=3, widths=(4, 5, 6, 7), image_size=32)
+    regularized = ResNet12(in_channels=3, widths=(4, 5, 6, 7), image_size=32, drop_rate=0.1, drop_block_size=5)
+    regularized.load_state_dict(plain.state_dict())
+    images = torch.rand(6, 3, 32, 32)
+    assert torch.equal(plain.eval()(images), regularized.eval()(images))
+    assert not torch.equal(plain.train()(images), regularized.train()(images))
+    drops = [type(b.drop).__name__ for b in regularized.features]
+    assert drops == ["Dropout", "Dropout", "DropBlock", "DropBlock"]  # MetaOptNet's and RFS's placement
+    assert all(b.drop is None for b in plain.features)
+
+
+def test_dropblock_draws_its_own_mask_for_each_vmapped_task():
+    block = DropBlock(0.3, 2).train()
+    x = (torch.rand(1, 8, 4, 6, 6) + 0.5).expand(5, -1, -1, -1, -1)  # five identical tasks
+    masks = torch.func.vmap(block, randomness="different")(x) == 0
+    assert len({tuple(m.flatten().tolist()) for m in masks}) == 5
+
+
+def test_vmapped_second_order_maml_is_exact_with_dropblock(monkeypatch):
+    # Vmapped tasks and looped tasks draw different masks, so here every mask is a fixed pattern: what is compared is
+    # DropBlock's arithmetic (blocks, rescaling) under vmap and second-order differentiation.
+    def fixed_mask(self, x, gamma, size):
+        n, c, h, w = x.shape
+        corners = (torch.arange(n * c * (h - size + 1) * (w - size + 1)).view(n, c, h - size + 1, w - size + 1) % 5 == 0)
+        return 1 - F.max_pool2d(F.pad(corners.to(x.dtype), [size - 1] * 4), size, stride=1)
+
+    monkeypatch.setattr(DropBlock, "block_mask", fixed_mask)
+    batch = image_tasks(tasks=3, ways=3, shots=2, queries=2, channels=1, size=16)
+
+    def backbone(drop_rate):
+        torch.manual_seed(0)
+        return ResNet12(1, widths=(3, 4), out_features=3, image_size=16, drop_rate=drop_rate, drop_block_size=3).double()
+
+    net = backbone(0.2)
+    expected = reference_maml_gradient(net, batch, 0.3, 2)
+    vmapped = library_gradient(MAML(net, inner_lr=0.3, inner_steps=2, vectorize=True), batch)
+    assert_rel_close(vmapped, expected, rtol=1e-10)
+    assert_rel_close(library_gradient(MAML(net, inner_lr=0.3, inner_steps=2, vectorize=False), batch), expected, rtol=1e-10)
+    # Guard: the blocks change the meta-gradient.
+    without = library_gradient(MAML(backbone(0.0), inner_lr=0.3, inner_steps=2), batch)
+    assert float(torch.cat([(a - b).flatten() for a, b in zip(vmapped, without)]).norm()) > 1e-3 * float(
+        torch.cat([b.flatten() for b in without]).norm()
+    )
+
+
+def test_invalid_dropblock_options():
+    for kwargs, message in [
+        (dict(drop_rate=1.0), "drop_rate must be in [0, 1), got 1.0"),
+        (dict(drop_rate=0.1, drop_block_size=0), "drop_block_size must be a positive integer, got 0"),
+        (dict(drop_rate=0.1, drop_ramp_steps=-1), "drop_ramp_steps must be a non-negative integer, got -1"),
+        (dict(drop_rate=0.1, drop_block_stages=5), "drop_block_stages must be an integer from 0 to 4 (the blocks), got 5"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            ResNet12(**kwargs)
+        assert str(error.value) == message
