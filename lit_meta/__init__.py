@@ -19,6 +19,7 @@ from lit_meta.algorithms import (
 from lit_meta.backbones import BatchStatNorm, Conv4, DropBlock, ResNet12, SinusoidMLP
 from lit_meta.metrics import MeanConfidenceInterval
 from lit_meta.prediction import AdaptedModel, PredictionWriter, load_model
+from lit_meta.timm_backbone import TimmBackbone
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "ResNet12",
     "SinusoidMLP",
     "TaskBatch",
+    "TimmBackbone",
     "load_model",
     "tune_cpu_allocator",
 ]

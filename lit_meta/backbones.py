@@ -10,7 +10,8 @@ A backbone built with ``out_features`` ends in a linear layer named ``head`` (th
 returns embeddings (what metric methods use).
 
 ResNet-12 can regularize with dropout and :class:`DropBlock`, random in training and the identity in evaluation;
-under vmap every task draws its own masks.
+under vmap every task draws its own masks. Any ``timm`` model is a backbone through
+:class:`lit_meta.timm_backbone.TimmBackbone`.
 """
 
 from __future__ import annotations
@@ -190,6 +191,35 @@ def refuse_fused_norm_for_second_order(backbone: nn.Module, second_order: bool, 
             f"{name}: the backbone's {type(module).__name__} layer {layer or '(the backbone itself)'}{others} gives "
             "wrong second-order gradients under vmap; normalize with lit_meta.BatchStatNorm instead, or set "
             "vectorize: false or first_order: true"
+        )
+
+
+def running_statistics_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The native normalization layers of ``module`` that update running statistics in place in training."""
+    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, norms) and m.track_running_stats]
+
+
+def refuse_running_statistics_under_vmap(backbone: nn.Module, vectorize: bool, name: str) -> None:
+    """Raise a one-line error where training would vmap a layer that updates running statistics in place.
+
+    ``torch.func.vmap`` cannot write one task's statistics into a buffer shared by every task: native
+    ``nn.BatchNorm*`` (and ``nn.InstanceNorm*`` with ``track_running_stats``) fail in training under it.
+    :class:`BatchStatNorm` records the statistics as outputs instead, and the per-task loop runs the native layers.
+
+    Raises:
+        ConfigError: naming the layer and the fixes.
+    """
+    if not vectorize:
+        return
+    layers = running_statistics_layers(backbone)
+    if layers:
+        layer, module = layers[0]
+        others = f" (and {len(layers) - 1} more)" if len(layers) > 1 else ""
+        raise ConfigError(
+            f"{name}: the backbone's {type(module).__name__} layer {layer or '(the backbone itself)'}{others} updates "
+            "running statistics in place in training, which vmap cannot do; normalize with lit_meta.BatchStatNorm "
+            "instead (TimmBackbone: norm: batch_stat), or set vectorize: false"
         )
 
 

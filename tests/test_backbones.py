@@ -6,10 +6,13 @@ Every backbone is checked three ways on the same tasks (float64, tiny shapes): M
 second-order meta-gradient is silently wrong); these must not.
 
 Also: ResNet-12's DropBlock (its drop pattern and rate against a direct count, the identity in evaluation, exact
-under vmap).
+under vmap), and ``TimmBackbone`` (a tiny timm test model: trains under ProtoNet, exact under vmapped second-order
+MAML with its normalization replaced, refused where timm's own normalization cannot run, weights from a local file).
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -17,8 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from conftest import cpu_trainer, random_images
 from datamodules import TaskBatch
-from lit_meta import MAML, BatchStatNorm, ConfigError, Conv4, DropBlock, ResNet12, SinusoidMLP
+from lit_meta import MAML, BatchStatNorm, ConfigError, Conv4, DropBlock, ProtoNet, ResNet12, SinusoidMLP, TimmBackbone
+from lit_meta.backbones import backbone_spec, build_backbone
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -428,3 +433,152 @@ def test_invalid_dropblock_options():
         with pytest.raises(ConfigError) as error:
             ResNet12(**kwargs)
         assert str(error.value) == message
+
+
+# ----------------------------------------------------------------------------------------------------------- timm
+TIMM_MODEL = "test_resnet"  # one of timm's own test models: a small ResNet with 15 BatchNorm2d layers
+
+
+@pytest.fixture
+def timm():
+    return pytest.importorskip("timm")
+
+
+def noisy_tasks(tasks: int = 2, ways: int = 3, shots: int = 2, queries: int = 3) -> TaskBatch:
+    """Fixed tasks: each class is a random template under as much per-image noise."""
+    g = torch.Generator().manual_seed(0)
+    templates = torch.rand(tasks, ways, 1, 1, 16, 16, generator=g)
+
+    def images(per_class: int) -> torch.Tensor:
+        noise = torch.rand(tasks, ways, per_class, 1, 16, 16, generator=g)
+        return (0.5 * templates + 0.5 * noise).flatten(1, 2)
+
+    labels = lambda k: torch.arange(ways).repeat_interleave(k).expand(tasks, -1).contiguous()  # noqa: E731
+    return TaskBatch(images(shots), labels(shots), images(queries), labels(queries))
+
+
+def test_timm_backbone_trains_under_protonet(timm):
+    torch.manual_seed(0)
+    backbone = TimmBackbone(TIMM_MODEL, in_channels=1)
+    native = timm.create_model(TIMM_MODEL, num_classes=0, in_chans=1)
+    count = sum(isinstance(m, nn.BatchNorm2d) for m in native.modules())
+    assert count > 0 and sum(isinstance(m, BatchStatNorm) for m in backbone.modules()) == count
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
+    assert backbone.embedding_dim == native.num_features and backbone.head is None
+    model = ProtoNet(backbone)  # tasks vmapped (vectorize: true, the default)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = noisy_tasks()
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = model.meta_loss(batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_timm_backbone_vmapped_second_order_maml_equals_the_per_task_loop(timm):
+    batch = image_tasks(tasks=2, ways=3, shots=1, queries=2, channels=1, size=16)
+
+    def gradient(vectorize, first_order=False):
+        torch.manual_seed(1)
+        backbone = TimmBackbone(TIMM_MODEL, in_channels=1, out_features=3).double()
+        learner = MAML(backbone, inner_lr=0.1, inner_steps=1, vectorize=vectorize, first_order=first_order)
+        return library_gradient(learner, batch)
+
+    vmapped, looped = gradient(True), gradient(False)
+    assert_rel_close(vmapped, looped, rtol=1e-10)
+    # Guard: the second-order terms are there (first order differs).
+    first = gradient(True, first_order=True)
+    assert float(torch.cat([(a - b).flatten() for a, b in zip(vmapped, first)]).norm()) > 1e-6 * float(
+        torch.cat([b.flatten() for b in looped]).norm()
+    )
+
+
+def test_timm_native_norms_are_refused_where_vmap_cannot_run_them(timm):
+    def native(**kwargs):
+        return TimmBackbone(TIMM_MODEL, in_channels=1, norm="native", **kwargs)
+
+    layer = "BatchNorm2d layer model.conv1.1 (and 14 more)"
+    with pytest.raises(ConfigError, match="^" + re.escape(f"MAML: the backbone's {layer} gives wrong second-order gradients under vmap")):
+        MAML(native(out_features=3))
+    data = dict(channels=1, size=16)
+    with pytest.raises(ConfigError) as error:
+        cpu_trainer(max_steps=1, limit_val_batches=0).fit(ProtoNet(native()), random_images(**data))
+    assert str(error.value) == (
+        f"ProtoNet: the backbone's {layer} updates running statistics in place in training, which vmap cannot do; "
+        "normalize with lit_meta.BatchStatNorm instead (TimmBackbone: norm: batch_stat), or set vectorize: false"
+    )
+    # The refusal rests on what vmap does with these layers in training.
+    with pytest.raises(RuntimeError, match="running_mean or running_var, which will be updated in place"):
+        torch.func.vmap(native(), randomness="different")(torch.rand(2, 3, 1, 16, 16))
+    # The fix it names: the per-task loop trains them (and timm's layers keep their running statistics).
+    model = ProtoNet(native(), vectorize=False)
+    cpu_trainer(max_steps=2, limit_val_batches=0).fit(model, random_images(**data))
+    assert int(model.backbone.model.bn1.num_batches_tracked) > 0
+
+
+def test_timm_pretrained_weights_come_from_the_given_file_only(timm, tmp_path, monkeypatch):
+    import socket
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    source = timm.create_model(TIMM_MODEL, num_classes=10)  # 3 channels and a classifier, as published weights are
+    with torch.no_grad():
+        for m in source.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(1, 2)
+    weights = source.state_dict()
+    torch.save(weights, tmp_path / "weights.pth")
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp_path / "weights.safetensors")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("TimmBackbone went to the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    for name in ("weights.pth", "weights.safetensors"):
+        backbone = TimmBackbone(TIMM_MODEL, in_channels=1, pretrained_path=str(tmp_path / name))
+        state = backbone.model.state_dict()
+        assert not any(k.startswith("fc.") for k in state)  # the classifier is dropped
+        # timm adapts the first convolution to one channel by summing over the colour channels.
+        torch.testing.assert_close(state["conv1.0.weight"], weights["conv1.0.weight"].sum(dim=1, keepdim=True))
+        for key, value in state.items():
+            if key != "conv1.0.weight":
+                assert torch.equal(value, weights[key]), key
+    # A checkpoint records the architecture without the file, and rebuilds without it.
+    spec = backbone_spec(backbone)
+    assert spec["init_args"]["pretrained_path"] is None and spec["init_args"]["name"] == TIMM_MODEL
+    for name in ("weights.pth", "weights.safetensors"):
+        (tmp_path / name).unlink()
+    rebuilt = build_backbone(spec)
+    rebuilt.load_state_dict(backbone.state_dict())
+    x = torch.rand(4, 1, 16, 16)
+    assert torch.equal(rebuilt.eval()(x), backbone.eval()(x))
+
+
+def test_timm_backbone_errors_are_one_line(timm, tmp_path, monkeypatch):
+    other, unrelated = tmp_path / "other.pth", tmp_path / "unrelated.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), other)
+    torch.save({"encoder.weight": torch.zeros(3)}, unrelated)
+    cases = [
+        (dict(name="no_such_model"), f"TimmBackbone: timm {timm.__version__} has no model 'no_such_model'; see timm.list_models()"),
+        (dict(name=TIMM_MODEL, norm="group"), "TimmBackbone: norm must be one of batch_stat, native, got 'group'"),
+        (dict(name=TIMM_MODEL, pretrained_path=str(tmp_path / "missing.pth")), f"TimmBackbone: no weights file at {tmp_path / 'missing.pth'}; give pretrained_path the path of a local file"),
+        (dict(name=TIMM_MODEL, model_args={"num_classes": 5}), "TimmBackbone: model_args may not set num_classes; it is TimmBackbone's to set"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError) as error:
+            TimmBackbone(**kwargs)
+        assert str(error.value) == message
+    # Entries of the same name and another shape; no entry of the model at all (which timm would load silently).
+    with pytest.raises(ConfigError, match=rf"^TimmBackbone: the weights in {other} do not fit timm's {TIMM_MODEL}: Error\(s\) in loading state_dict for ResNet: size mismatch for \S+: copying a param with shape"):
+        TimmBackbone(TIMM_MODEL, pretrained_path=str(other))
+    with pytest.raises(ConfigError, match=rf"^TimmBackbone: the weights in {unrelated} lack \d+ of the entries of timm's {TIMM_MODEL}, e\.g\. conv1\.0\.weight; give a file of that model's weights$"):
+        TimmBackbone(TIMM_MODEL, pretrained_path=str(unrelated))
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # as if timm were not installed
+    with pytest.raises(ConfigError, match=r"^TimmBackbone needs the timm package: pip install lit_meta\[timm\]$"):
+        TimmBackbone(TIMM_MODEL)

@@ -26,6 +26,7 @@ from lit_meta.backbones import (
     BatchStatNorm,
     backbone_spec,
     build_backbone,
+    refuse_running_statistics_under_vmap,
     set_training_step,
 )
 from lit_meta.metrics import MeanConfidenceInterval
@@ -455,6 +456,8 @@ class MetaLearner(pl.LightningModule):
         self.input_format = self._datamodule_format("train") or self.input_format
         self._check_train_mode()
         self._check_ways("train")
+        if self.train_mode == "episodes":  # episodic training runs the backbone inside the per-task function
+            refuse_running_statistics_under_vmap(self.backbone, self.vectorize, type(self).__name__)
         # Here rather than in setup(): only now does the trainer know whether the fit resumes a --ckpt_path, whose
         # weights (already restored) a resumed run keeps. Copying in place leaves the optimizer's references valid.
         if self.init_from is not None and getattr(self._trainer, "ckpt_path", None) is None:
