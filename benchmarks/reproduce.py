@@ -43,8 +43,11 @@ def read_config(name: str) -> dict[str, Any]:
     return yaml.safe_load((CONFIGS / name).read_text())
 
 
-def schedule_steps(config: dict[str, Any]) -> int:
-    """Optimizer steps of a config's full schedule."""
+def schedule_steps(config: dict[str, Any], entry: dict[str, Any] | None = None) -> int:
+    """Optimizer steps of a config's full schedule: the record's ``schedule_steps`` where it gives them (a
+    ``train_mode: batches`` epoch is as long as the dataset, which the config does not say), else from the config."""
+    if entry and entry.get("schedule_steps"):
+        return int(entry["schedule_steps"])
     trainer = config.get("trainer") or {}
     if trainer.get("max_steps") not in (None, -1):
         return int(trainer["max_steps"])
@@ -131,14 +134,14 @@ def render(records: dict[str, dict[str, Any]]) -> str:
         if not results:
             lines.append(
                 f"| `{name}` | {entry['paper']} | {published} | not run | {protocol_text(config)} | "
-                f"{schedule_steps(config):,} steps; {entry['estimate']} |"
+                f"{schedule_steps(config, entry):,} steps; {entry['estimate']} |"
             )
             continue
         for result in results:
             metric = result.get("metric", "acc")
             ours = _number(result["value"], result["ci"], metric)
             protocol = f"{protocol_text(config, result)}; {result['selection']}"
-            where = f"{result['steps']:,} of {schedule_steps(config):,} steps; {result['device']}, {result['hours']:g} h"
+            where = f"{result['steps']:,} of {schedule_steps(config, entry):,} steps; {result['device']}, {result['hours']:g} h"
             lines.append(f"| `{name}` | {entry['paper']} | {published} | **{ours}** | {protocol} | {where} |")
             details.append(f"- `{name}` ({protocol_text(config, result)}): `{result_command(name, result)}`")
             if result.get("note"):

@@ -1,6 +1,7 @@
 """Episodic LightningDataModules for few-shot learning: every one yields :class:`TaskBatch` es, and the image ones
 also mini-batches of labelled examples (:class:`ExampleBatch`, ``train_mode: batches``)."""
 
+from datamodules.augmentation import Augmentation, AugmentationParams, AugmentedBatch
 from datamodules.base import EpisodeShape, EpisodicDataModule
 from datamodules.cifar import CIFARFSDataModule, FC100DataModule
 from datamodules.errors import ConfigError, DataError, LitMetaError
@@ -15,6 +16,9 @@ from datamodules.store import ClassStore
 from datamodules.task_batch import ExampleBatch, TaskBatch
 
 __all__ = [
+    "Augmentation",
+    "AugmentationParams",
+    "AugmentedBatch",
     "BatchLoader",
     "CIFARFSDataModule",
     "ClassImageDataModule",

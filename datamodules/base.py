@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from datamodules.augmentation import Augmentation, AugmentedBatch
 from datamodules.errors import ConfigError, require_positive
 from datamodules.sampler import STREAMS, BatchLoader, EpisodeLoader, Task
 from datamodules.task_batch import ExampleBatch, TaskBatch
@@ -111,6 +112,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self._train_loader: EpisodeLoader | BatchLoader | None = None
         self._restored_train_stream: dict[str, Any] | None = None
+        #: Per-image augmentation of the training batches (set by datamodules whose inputs are images).
+        self.augmentation: Augmentation | None = None
 
     # ----------------------------------------------------------------------------------------------- subclass API
     def sample_task(self, split: str, generator: torch.Generator) -> Task:
@@ -227,6 +230,7 @@ class EpisodicDataModule(pl.LightningDataModule):
                 rank=rank,
                 world_size=world_size,
                 sample_batch=sample_batch,
+                augmentation=self.augmentation,
             )
         return EpisodeLoader(
             sample,
@@ -252,7 +256,13 @@ class EpisodicDataModule(pl.LightningDataModule):
             return self.examples(split, index)
 
         return BatchLoader(
-            take, num_examples=total, batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world_size
+            take,
+            num_examples=total,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            augmentation=self.augmentation if split == "train" else None,
         )
 
     def train_dataloader(self) -> EpisodeLoader | BatchLoader:
@@ -283,7 +293,7 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     # -------------------------------------------------------------------------------------------- device side
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if not isinstance(batch, (TaskBatch, ExampleBatch)):
+        if not isinstance(batch, (TaskBatch, ExampleBatch, AugmentedBatch)):
             return batch
         prepared = self.prepare_batch(batch)
         trainer = getattr(self, "trainer", None)
@@ -293,8 +303,11 @@ class EpisodicDataModule(pl.LightningDataModule):
             prepared = trainer.precision_plugin.convert_input(prepared)
         return prepared
 
-    def prepare_batch(self, batch: TaskBatch | ExampleBatch) -> TaskBatch | ExampleBatch:
-        """Turn ``uint8`` images into float in ``[0, 1]`` on the batch's device (identity for float inputs)."""
+    def prepare_batch(self, batch: TaskBatch | ExampleBatch | AugmentedBatch) -> TaskBatch | ExampleBatch:
+        """Turn ``uint8`` images into float in ``[0, 1]`` on the batch's device (identity for float inputs), then
+        augment a training batch's images with the parameters it carries."""
+        if isinstance(batch, AugmentedBatch):
+            return batch.applied(self.prepare_batch(batch.batch))
         if isinstance(batch, ExampleBatch):
             if batch.x.dtype != torch.uint8:
                 return batch

@@ -8,10 +8,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from datamodules.augmentation import Augmentation
 from datamodules.base import EpisodicDataModule
 from datamodules.errors import ConfigError
 from datamodules.files import FileTree, decode_images
-from datamodules.sampler import Task
+from datamodules.sampler import BatchLoader, EpisodeLoader, Task
 from datamodules.store import ClassStore, cache_dir, load_or_build
 from datamodules.task_batch import ExampleBatch, TaskBatch
 
@@ -35,6 +36,12 @@ class ClassImageDataModule(EpisodicDataModule):
         cache_dir: where decoded stores are cached; ``None`` picks one (see :func:`datamodules.store.cache_dir`).
         device: keep the stores on this device and gather episodes there (e.g. ``"cuda"``; ``"auto"`` is the
             trainer's device); ``None`` keeps them in CPU memory, memory-mapped from the cache.
+        augment: per-image augmentation of the training images (support and query of training episodes, and the
+            batches of ``train_mode: batches``), applied on the device; never at validation, test or prediction.
+            ``None`` (the default): none. A mapping of ``crop`` (``{padding: p}`` or ``{scale: [a, b], ratio:
+            [r, s]}``), ``flip`` (bool) and ``color_jitter`` (a strength, or ``{brightness, contrast, saturation}``),
+            e.g. ``{crop: {padding: 8}, flip: true, color_jitter: 0.4}``, the RFS / MetaOptNet recipe; see
+            :class:`~datamodules.augmentation.Augmentation`. 1-channel images take no saturation jitter.
         **kwargs: the episode settings of :class:`~datamodules.base.EpisodicDataModule` (ways, shots, queries,
             meta_batch_size, train_batches, val_episodes, test_episodes, eval_meta_batch_size, train_ways,
             train_shots, train_queries, seed, train_mode, batch_size).
@@ -47,6 +54,7 @@ class ClassImageDataModule(EpisodicDataModule):
         download: bool = False,
         cache_dir: str | os.PathLike | None = None,
         device: str | None = None,
+        augment: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -62,6 +70,7 @@ class ClassImageDataModule(EpisodicDataModule):
             except (RuntimeError, TypeError) as error:  # torch's message lists every device type it knows
                 raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', 'auto' or null, got {device!r}") from error
         self.device = device
+        self.augmentation = Augmentation.from_spec(augment)
         self._stores: dict[str, ClassStore] = {}
         self._placed: dict[str, ClassStore] = {}
         self._checked: set[tuple[str, Any]] = set()
@@ -141,6 +150,17 @@ class ClassImageDataModule(EpisodicDataModule):
         super().setup(stage)
         for split in STAGE_SPLITS.get(stage, SPLITS) if stage else SPLITS:
             self.store(split)
+        if stage in (None, "fit"):
+            self.check_augmentation()
+
+    def check_augmentation(self) -> None:
+        """Raise a one-line :class:`ConfigError` where the training images cannot take ``augment``."""
+        if self.augmentation is not None:
+            self.augmentation.check_images(*self.store("train").image_shape, owner=type(self).__name__)
+
+    def train_dataloader(self) -> EpisodeLoader | BatchLoader:
+        self.check_augmentation()
+        return super().train_dataloader()
 
     # ------------------------------------------------------------------------------------------------ episodes
     def num_classes(self, split: str) -> int | None:

@@ -9,6 +9,11 @@ matter the world size.
 Non-episodic training (:class:`BatchLoader`) follows the same pattern: epoch ``e`` is the permutation of all training
 examples drawn from a generator seeded by ``(seed, stream, e)``, shared out over the ranks, so its state is again
 ``(epoch, position)``.
+
+A training loader given an :class:`~datamodules.augmentation.Augmentation` also draws each image's augmentation
+parameters, from generators keyed like the batch itself with one more key (:data:`AUGMENTATION_KEY`): task ``i``'s
+images from ``(seed, stream, r, e, i, AUGMENTATION_KEY)``, batch ``b``'s examples from ``(seed, stream, r, e, b,
+AUGMENTATION_KEY)``. A resumed stream therefore augments its images exactly as the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from datamodules.augmentation import Augmentation, AugmentedBatch
 from datamodules.task_batch import ExampleBatch, TaskBatch
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -29,6 +35,8 @@ BatchSampler = Callable[[list[torch.Generator]], TaskBatch]
 
 # Stream ids keep the splits' episodes independent even under one seed.
 STREAMS = {"train": 1, "val": 2, "test": 3, "predict": 4, "batches": 5}
+#: Appended to a training batch's keys for the generator of its augmentation parameters.
+AUGMENTATION_KEY = 6
 
 
 def episode_seed(*keys: int) -> int:
@@ -56,6 +64,8 @@ class EpisodeLoader:
         rank, world_size: this process's place in distributed training.
         sample_batch: optional; draws a whole meta-batch, task ``t`` from the ``t``-th generator only (to vectorize
             the gather across tasks); replaces stacking ``sample_task`` calls.
+        augmentation: training only: draw augmentation parameters for every image (the batches are then
+            :class:`~datamodules.augmentation.AugmentedBatch` es, applied on the device).
 
     Exactly one of ``num_batches`` (a training stream, new episodes every epoch) and ``num_episodes`` (a fixed
     evaluation set) is given.
@@ -73,11 +83,15 @@ class EpisodeLoader:
         rank: int = 0,
         world_size: int = 1,
         sample_batch: BatchSampler | None = None,
+        augmentation: Augmentation | None = None,
     ) -> None:
         if (num_batches is None) == (num_episodes is None):
             raise ValueError("give exactly one of num_batches (training) and num_episodes (evaluation)")
+        if augmentation is not None and num_episodes is not None:
+            raise ValueError("evaluation episodes are never augmented")
         self.sample_task = sample_task
         self.sample_batch = sample_batch
+        self.augmentation = augmentation
         self.meta_batch_size = meta_batch_size
         self.seed = seed
         self.stream = stream
@@ -105,13 +119,18 @@ class EpisodeLoader:
         first = batch * self.meta_batch_size
         return [(self.seed, self.stream, self.rank, self.epoch, first + t) for t in range(self.meta_batch_size)]
 
-    def batch(self, index: int) -> TaskBatch:
-        generators = [episode_generator(*keys) for keys in self.episode_ids(index)]
+    def batch(self, index: int) -> TaskBatch | AugmentedBatch:
+        ids = self.episode_ids(index)
+        generators = [episode_generator(*keys) for keys in ids]
         if self.sample_batch is not None:
-            return self.sample_batch(generators)
-        return TaskBatch.stack([self.sample_task(g) for g in generators])
+            batch = self.sample_batch(generators)
+        else:
+            batch = TaskBatch.stack([self.sample_task(g) for g in generators])
+        if self.augmentation is None:
+            return batch
+        return self.augmentation.draw_tasks(batch, [episode_generator(*keys, AUGMENTATION_KEY) for keys in ids])
 
-    def __iter__(self) -> Iterator[TaskBatch]:
+    def __iter__(self) -> Iterator[TaskBatch | AugmentedBatch]:
         # Lightning does not prefetch from a sized loader, so batches handed out == batches consumed when a
         # checkpoint is written; a restored mid-epoch state continues where it stopped.
         if self._resume:
@@ -153,6 +172,8 @@ class BatchLoader:
         seed: the run's seed.
         stream: keeps this stream independent of the episode streams (see :data:`STREAMS`).
         rank, world_size: this process's place in distributed training.
+        augmentation: draw augmentation parameters for every image (the batches are then
+            :class:`~datamodules.augmentation.AugmentedBatch` es, applied on the device).
     """
 
     def __init__(
@@ -165,10 +186,12 @@ class BatchLoader:
         stream: int = STREAMS["batches"],
         rank: int = 0,
         world_size: int = 1,
+        augmentation: Augmentation | None = None,
     ) -> None:
         if num_examples <= 0 or batch_size <= 0:
             raise ValueError(f"num_examples and batch_size must be positive, got {num_examples} and {batch_size}")
         self.take = take
+        self.augmentation = augmentation
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.seed = seed
@@ -197,11 +220,15 @@ class BatchLoader:
             self._order = (epoch, perm[self.rank :: self.world_size])
         return self._order[1]
 
-    def batch(self, index: int) -> ExampleBatch:
+    def batch(self, index: int) -> ExampleBatch | AugmentedBatch:
         """Batch ``index`` of the current epoch."""
-        return self.take(self.order()[index * self.batch_size : (index + 1) * self.batch_size])
+        batch = self.take(self.order()[index * self.batch_size : (index + 1) * self.batch_size])
+        if self.augmentation is None:
+            return batch
+        keys = (self.seed, self.stream, self.rank, self.epoch, index, AUGMENTATION_KEY)
+        return self.augmentation.draw_examples(batch, episode_generator(*keys))
 
-    def __iter__(self) -> Iterator[ExampleBatch]:
+    def __iter__(self) -> Iterator[ExampleBatch | AugmentedBatch]:
         if self._resume:
             self._resume = False
         else:

@@ -16,9 +16,10 @@ from lit_meta.algorithms import (
     ProtoNet,
     Reptile,
 )
-from lit_meta.backbones import BatchStatNorm, Conv4, ResNet12, SinusoidMLP
+from lit_meta.backbones import BatchStatNorm, Conv4, DropBlock, ResNet12, SinusoidMLP
 from lit_meta.metrics import MeanConfidenceInterval
 from lit_meta.prediction import AdaptedModel, PredictionWriter, load_model
+from lit_meta.timm_backbone import TimmBackbone
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "ConfigError",
     "Conv4",
     "DataError",
+    "DropBlock",
     "LitMetaError",
     "MeanConfidenceInterval",
     "MetaLearner",
@@ -45,6 +47,7 @@ __all__ = [
     "ResNet12",
     "SinusoidMLP",
     "TaskBatch",
+    "TimmBackbone",
     "load_model",
     "tune_cpu_allocator",
 ]

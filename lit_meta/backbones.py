@@ -8,6 +8,10 @@ statistics evaluation uses is the algorithm's ``normalization`` protocol (:mod:`
 
 A backbone built with ``out_features`` ends in a linear layer named ``head`` (the part ANIL adapts); without it, it
 returns embeddings (what metric methods use).
+
+ResNet-12 can regularize with dropout and :class:`DropBlock`, random in training and the identity in evaluation;
+under vmap every task draws its own masks. Any ``timm`` model is a backbone through
+:class:`lit_meta.timm_backbone.TimmBackbone`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.errors import ConfigError
@@ -189,6 +194,35 @@ def refuse_fused_norm_for_second_order(backbone: nn.Module, second_order: bool, 
         )
 
 
+def running_statistics_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The native normalization layers of ``module`` that update running statistics in place in training."""
+    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, norms) and m.track_running_stats]
+
+
+def refuse_running_statistics_under_vmap(backbone: nn.Module, vectorize: bool, name: str) -> None:
+    """Raise a one-line error where training would vmap a layer that updates running statistics in place.
+
+    ``torch.func.vmap`` cannot write one task's statistics into a buffer shared by every task: native
+    ``nn.BatchNorm*`` (and ``nn.InstanceNorm*`` with ``track_running_stats``) fail in training under it.
+    :class:`BatchStatNorm` records the statistics as outputs instead, and the per-task loop runs the native layers.
+
+    Raises:
+        ConfigError: naming the layer and the fixes.
+    """
+    if not vectorize:
+        return
+    layers = running_statistics_layers(backbone)
+    if layers:
+        layer, module = layers[0]
+        others = f" (and {len(layers) - 1} more)" if len(layers) > 1 else ""
+        raise ConfigError(
+            f"{name}: the backbone's {type(module).__name__} layer {layer or '(the backbone itself)'}{others} updates "
+            "running statistics in place in training, which vmap cannot do; normalize with lit_meta.BatchStatNorm "
+            "instead (TimmBackbone: norm: batch_stat), or set vectorize: false"
+        )
+
+
 def conv_block(
     in_channels: int, out_channels: int, pool: str, norm_eps: float = 1e-5, fused_norm: bool = False
 ) -> nn.Sequential:
@@ -317,13 +351,93 @@ class Conv4(ConvBackbone):
 
 
 
-class ResidualBlock12(nn.Module):
-    """One block of ResNet-12: three 3x3 convs (norm, LeakyReLU between), a 1x1-conv shortcut, then 2x2 max-pool.
+def check_drop_options(drop_rate: float, block_size: int, ramp_steps: int) -> None:
+    """Raise a one-line :class:`ConfigError` naming the first invalid dropout / DropBlock option."""
+    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
+        raise ConfigError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+        raise ConfigError(f"drop_block_size must be a positive integer, got {block_size!r}")
+    if not isinstance(ramp_steps, int) or isinstance(ramp_steps, bool) or ramp_steps < 0:
+        raise ConfigError(f"drop_ramp_steps must be a non-negative integer, got {ramp_steps!r}")
 
-    ``out = maxpool(lrelu(N3(C3(lrelu(N2(C2(lrelu(N1(C1(x))))))) + Ns(Cs(x)))))``
+
+class DropBlock(nn.Module):
+    """DropBlock (Ghiasi, Lin & Le, NeurIPS 2018): zero contiguous ``block_size x block_size`` squares of each
+    channel in training, rescaling the rest; the identity in evaluation.
+
+    As in the ResNet-12 of MetaOptNet (Lee et al. 2019) and RFS (Tian et al. 2020): block centres are drawn
+    independently with probability ``gamma = rate / block_size^2 * H W / ((H - block_size + 1)(W - block_size + 1))``
+    over the positions where a whole block fits, so that about ``rate`` of the units are dropped, and the kept units
+    are multiplied by ``units / kept units`` (counted over the batch the layer sees; under ``vmap`` one task).
+    Blocks are capped at the feature map's size.
+
+    The rate ramps linearly from 0 to ``drop_rate`` over ``ramp_steps`` training steps, counted by
+    :attr:`step`, which the algorithms set to the optimizer step before every training batch
+    (:func:`set_training_step`); that keeps the schedule the same whether the tasks run vmapped or in a loop, and
+    makes it resume with the step. The masks come from the global random generator, which lit_meta checkpoints save.
+
+    Args:
+        drop_rate: the fraction of units dropped once the ramp is over (RFS and MetaOptNet: 0.1).
+        block_size: side of the dropped squares (5 on mini-ImageNet's 10x10 and 5x5 maps in both papers).
+        ramp_steps: training steps over which the rate grows from 0 to ``drop_rate``; 0: ``drop_rate`` from the start.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, negative_slope: float = 0.1, norm_eps: float = 1e-5) -> None:
+    def __init__(self, drop_rate: float, block_size: int, ramp_steps: int = 0) -> None:
+        super().__init__()
+        check_drop_options(drop_rate, block_size, ramp_steps)
+        self.drop_rate = drop_rate
+        self.block_size = block_size
+        self.ramp_steps = ramp_steps
+        #: The training step the rate is ramped to (see :func:`set_training_step`).
+        self.step = 0
+
+    def rate(self) -> float:
+        """The fraction of units dropped at :attr:`step`."""
+        if self.ramp_steps == 0:
+            return self.drop_rate
+        return self.drop_rate * min(1.0, self.step / self.ramp_steps)
+
+    def block_mask(self, x: Tensor, gamma: float, size: int) -> Tensor:
+        """``[N, C, H, W]`` of 0 (dropped) and 1: ``size``-squares around centres drawn with probability ``gamma``."""
+        n, c, h, w = x.shape
+        centres = (torch.rand(n, c, h - size + 1, w - size + 1, device=x.device, dtype=x.dtype) < gamma).to(x.dtype)
+        # A unit is dropped when a block whose top-left corner lies within size - 1 rows and columns above and left
+        # of it was drawn: a max-pool over the centres padded by size - 1 on every side.
+        return 1 - F.max_pool2d(F.pad(centres, [size - 1] * 4), size, stride=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rate = self.rate()
+        if not self.training or rate == 0.0:
+            return x
+        h, w = x.shape[-2:]
+        size = min(self.block_size, h, w)
+        gamma = rate / size**2 * (h * w) / ((h - size + 1) * (w - size + 1))
+        mask = self.block_mask(x, gamma, size)
+        return x * mask * (mask.numel() / mask.sum().clamp(min=1.0))
+
+
+def set_training_step(module: nn.Module, step: int) -> None:
+    """Set the training step of every :class:`DropBlock` in ``module`` (its rate ramps with it)."""
+    for sub in module.modules():
+        if isinstance(sub, DropBlock):
+            sub.step = int(step)
+
+
+class ResidualBlock12(nn.Module):
+    """One block of ResNet-12: three 3x3 convs (norm, LeakyReLU between), a 1x1-conv shortcut, then 2x2 max-pool,
+    optionally followed by dropout or :class:`DropBlock` (``drop``).
+
+    ``out = drop(maxpool(lrelu(N3(C3(lrelu(N2(C2(lrelu(N1(C1(x))))))) + Ns(Cs(x))))))``
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        negative_slope: float = 0.1,
+        norm_eps: float = 1e-5,
+        drop: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.norm1 = BatchStatNorm(out_channels, eps=norm_eps)
@@ -336,21 +450,27 @@ class ResidualBlock12(nn.Module):
         )
         self.act = nn.LeakyReLU(negative_slope)
         self.pool = nn.MaxPool2d(2)
+        self.drop = drop
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.act(self.norm1(self.conv1(x)))
         out = self.act(self.norm2(self.conv2(out)))
         out = self.norm3(self.conv3(out))
-        return self.pool(self.act(out + self.shortcut(x)))
+        out = self.pool(self.act(out + self.shortcut(x)))
+        return self.drop(out) if self.drop is not None else out
 
 
 class ResNet12(ConvBackbone):
     """The ResNet-12 of few-shot learning (Oreshkin et al. 2018, Lee et al. 2019), with batch-statistics norm.
 
     Four :class:`ResidualBlock12` of widths ``(64, 160, 320, 640)`` (the MetaOptNet widths; TADAM used
-    ``(64, 128, 256, 512)``), each halving the resolution (84 -> 42 -> 21 -> 10 -> 5), LeakyReLU(0.1). DropBlock is
-    left out (it needs per-task randomness and is a regularizer, not part of the architecture). Like :class:`Conv4`
-    it is exact under ``vmap`` with second-order gradients, because its normalization is :class:`BatchStatNorm`.
+    ``(64, 128, 256, 512)``), each halving the resolution (84 -> 42 -> 21 -> 10 -> 5), LeakyReLU(0.1). Like
+    :class:`Conv4` it is exact under ``vmap`` with second-order gradients, because its normalization is
+    :class:`BatchStatNorm`.
+
+    With ``drop_rate > 0`` it regularizes as MetaOptNet's and RFS's: after each block, dropout at ``drop_rate`` in the
+    first blocks and :class:`DropBlock` (``drop_block_size``, rate ramped over ``drop_ramp_steps`` training steps) in
+    the last ``drop_block_stages``. Both are the identity in evaluation. The default, ``drop_rate=0``, adds no layer.
 
     Args:
         in_channels: image channels.
@@ -360,6 +480,10 @@ class ResNet12(ConvBackbone):
         embedding: ``"mean"`` (global average pooling, 640 features) or ``"flatten"`` (MetaOptNet's 640x5x5).
         negative_slope: of the LeakyReLU.
         norm_eps: the normalization's epsilon.
+        drop_rate: dropout and DropBlock rate (RFS and MetaOptNet: 0.1); 0 turns both off.
+        drop_block_size: DropBlock's block side (5 in both papers on mini-ImageNet).
+        drop_block_stages: how many of the last blocks use DropBlock instead of dropout (2 in both papers).
+        drop_ramp_steps: training steps over which DropBlock's rate ramps up from 0 (RFS: 40,000 forward passes).
     """
 
     def __init__(
@@ -371,6 +495,10 @@ class ResNet12(ConvBackbone):
         embedding: str = "mean",
         negative_slope: float = 0.1,
         norm_eps: float = 1e-5,
+        drop_rate: float = 0.0,
+        drop_block_size: int = 5,
+        drop_block_stages: int = 2,
+        drop_ramp_steps: int = 0,
     ) -> None:
         super().__init__()
         widths = tuple(widths)
@@ -378,10 +506,24 @@ class ResNet12(ConvBackbone):
             raise ConfigError(f"embedding must be 'flatten' or 'mean', got {embedding!r}")
         if not widths:
             raise ConfigError("widths must name at least one block")
+        if not isinstance(drop_block_stages, int) or isinstance(drop_block_stages, bool) or not 0 <= drop_block_stages <= len(widths):
+            raise ConfigError(f"drop_block_stages must be an integer from 0 to {len(widths)} (the blocks), got {drop_block_stages!r}")
+        check_drop_options(drop_rate, drop_block_size, drop_ramp_steps)
         self.embedding = embedding
         channels = (in_channels, *widths)
+
+        def drop(stage: int) -> nn.Module | None:
+            if drop_rate == 0:
+                return None
+            if stage >= len(widths) - drop_block_stages:
+                return DropBlock(drop_rate, drop_block_size, drop_ramp_steps)
+            return nn.Dropout(drop_rate)
+
         self.features = nn.Sequential(
-            *(ResidualBlock12(a, b, negative_slope, norm_eps) for a, b in zip(channels[:-1], channels[1:]))
+            *(
+                ResidualBlock12(a, b, negative_slope, norm_eps, drop(stage))
+                for stage, (a, b) in enumerate(zip(channels[:-1], channels[1:]))
+            )
         )
         size = image_size
         for _ in widths:
@@ -394,7 +536,6 @@ class ResNet12(ConvBackbone):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu", a=negative_slope)
-
 
 
 class SinusoidMLP(Backbone):

@@ -131,3 +131,20 @@ def cpu_trainer(**kwargs):
     )
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+def random_images(channels: int = 3, size: int = 12, **kwargs):
+    """A :class:`~datamodules.ClassImageDataModule` of five classes of six random ``uint8`` images per split (a
+    different draw per split), 3-way 1-shot 2-query tasks in meta-batches of 2 and 3 training batches by default."""
+    from datamodules import ClassImageDataModule, ClassStore
+    from datamodules.images import SPLITS
+
+    class RandomImages(ClassImageDataModule):
+        def load_split(self, split):
+            g = torch.Generator().manual_seed(SPLITS.index(split))
+            images = torch.randint(0, 256, (30, channels, size, size), generator=g, dtype=torch.uint8)
+            return ClassStore(images, [6] * 5, [f"{split}{c}" for c in range(5)])
+
+    options = dict(ways=3, shots=1, queries=2, meta_batch_size=2, train_batches=3, val_episodes=4, test_episodes=4, eval_meta_batch_size=2)
+    options.update(kwargs)
+    return RandomImages(root=None, image_size=size, **options)

@@ -34,7 +34,7 @@ def test_every_result_names_its_protocol_and_a_committed_checkpoint():
         assert entry.get("results") or entry.get("estimate"), f"{name}: neither a result nor what a run would take"
         for result in entry.get("results") or []:
             assert (REPO / result["checkpoint"]).is_file(), f"{name}: {result['checkpoint']} is not in the repository"
-            assert result["steps"] == reproduce.schedule_steps(reproduce.read_config(name)), f"{name}: not the full schedule"
+            assert result["steps"] == reproduce.schedule_steps(reproduce.read_config(name), entry), f"{name}: not the full schedule"
 
 
 @pytest.mark.parametrize("name,result", RELEASED, ids=[f"{n}:{r['checkpoint'].rsplit('/', 1)[-1]}" for n, r in RELEASED])

@@ -22,7 +22,13 @@ from datamodules.errors import ConfigError, LitMetaError
 from datamodules.predict_folder import InputFormat, input_format_of
 from datamodules.task_batch import TaskBatch
 from lit_meta.adaptation import fp32_inner_loop, map_tasks
-from lit_meta.backbones import BatchStatNorm, backbone_spec, build_backbone
+from lit_meta.backbones import (
+    BatchStatNorm,
+    backbone_spec,
+    build_backbone,
+    refuse_running_statistics_under_vmap,
+    set_training_step,
+)
 from lit_meta.metrics import MeanConfidenceInterval
 from lit_meta.normalization import (
     Recording,
@@ -138,6 +144,7 @@ class MetaLearner(pl.LightningModule):
         self.init_from = init_from
         self._eval_metrics: dict[str, MeanConfidenceInterval] = {}
         self.skipped_steps = 0
+        self._restored_rng: dict[str, Tensor] | None = None
         # What the inputs look like (channels, size, inversion, value range): taken from the training datamodule,
         # saved in checkpoints, so prediction converts a user's images the way training did.
         self.input_format: InputFormat | None = None
@@ -449,6 +456,8 @@ class MetaLearner(pl.LightningModule):
         self.input_format = self._datamodule_format("train") or self.input_format
         self._check_train_mode()
         self._check_ways("train")
+        if self.train_mode == "episodes":  # episodic training runs the backbone inside the per-task function
+            refuse_running_statistics_under_vmap(self.backbone, self.vectorize, type(self).__name__)
         # Here rather than in setup(): only now does the trainer know whether the fit resumes a --ckpt_path, whose
         # weights (already restored) a resumed run keeps. Copying in place leaves the optimizer's references valid.
         if self.init_from is not None and getattr(self._trainer, "ckpt_path", None) is None:
@@ -534,6 +543,25 @@ class MetaLearner(pl.LightningModule):
         self._check_input_format("test")
         self._check_ways("test")
 
+    def on_train_start(self) -> None:
+        # The global random state of a resumed fit is the one its checkpoint was written with, so that random
+        # layers (dropout, DropBlock) draw what the uninterrupted run drew. Set here, once everything that runs
+        # between loading and training (model setup, moving to the device) is done.
+        resumed = getattr(self._trainer, "ckpt_path", None) is not None
+        if self._restored_rng is not None and resumed:
+            torch.set_rng_state(self._restored_rng["cpu"].cpu())
+            if self._restored_rng.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(self._restored_rng["cuda"].cpu(), self.device)
+        self._restored_rng = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # DropBlock's rate ramps with the optimizer step (restored on resume, the same vmapped or looped).
+        set_training_step(self, self.global_step)
+
+    def _rng_state(self) -> dict[str, Tensor | None]:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The algorithm is recorded even for models built in Python (only the CLI records ``_class_path``), so the
         # CLI and ``MetaLearner.load_from_checkpoint`` know what to rebuild, and refuse a checkpoint of another one.
@@ -542,6 +570,7 @@ class MetaLearner(pl.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             "algorithm": f"{type(self).__module__}.{type(self).__qualname__}",
             "input_format": self.input_format.to_dict() if self.input_format is not None else None,
+            "rng": self._rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -558,6 +587,7 @@ class MetaLearner(pl.LightningModule):
         record = (checkpoint.get(CHECKPOINT_KEY) or {}).get("input_format")
         if record:
             self.input_format = InputFormat.from_dict(record)
+        self._restored_rng = (checkpoint.get(CHECKPOINT_KEY) or {}).get("rng")
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None, strict: bool | None = None, **kwargs: Any) -> "MetaLearner":
