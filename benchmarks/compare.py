@@ -36,7 +36,7 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return overrides
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="the config whose test episodes both models are evaluated on")
     parser.add_argument("a", help="checkpoint A")
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--a", dest="a_overrides", nargs="*", default=[], help="hyper-parameters for A: key=value")
     parser.add_argument("--b", dest="b_overrides", nargs="*", default=[], help="hyper-parameters for B: key=value")
     parser.add_argument("--episodes", type=int, default=None, help="only the first N test episodes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     config = read_config(os.path.basename(args.config))
     values = {}

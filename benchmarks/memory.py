@@ -83,7 +83,7 @@ def measure(backbone: str, steps: int, checkpoint: bool, device: str, tasks: int
         sync()
         times.append(time.perf_counter() - start)
     times.sort()
-    return {"peak_mb": peak / 2**20, "seconds": times[len(times) // 2]}
+    return {"peak_mb": peak / 2**20, "seconds": times[len(times) // 2] if times else float("nan")}
 
 
 def _rss_bytes() -> int:
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4, help="tasks per meta-batch")
     parser.add_argument("--shots", type=int, default=1, help="support examples per class")
     parser.add_argument("--queries", type=int, default=15, help="queries per class")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps after the measured one (0: memory only)")
     parser.add_argument("--imaml", action="store_true", help="implicit MAML (one column: it has no stored variant)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row as JSON "steps,checkpoint"
     args = parser.parse_args()
@@ -125,8 +125,13 @@ def main() -> None:
                    "--queries", str(args.queries), "--repeats", str(args.repeats)] + (["--imaml"] if args.imaml else [])
         # glibc's own malloc settings, so that freed activations leave the resident set as they would anywhere.
         env = {**os.environ, "LIT_META_MALLOC": "system"}
-        out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            # Killed by the kernel (-9) when the step does not fit in memory: the row says so instead of ending the table.
+            print(f"  ({steps} steps, {'checkpointed' if checkpoint else 'stored'}: the step failed, exit {done.returncode}: "
+                  f"{(done.stderr.strip().splitlines() or ['killed, out of memory'])[-1]})", flush=True)
+            return {"peak_mb": float("nan"), "seconds": float("nan")}
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     if args.imaml:
         print(f"{'inner steps':>11} | {'MB':>8} | {'s/step':>7}")

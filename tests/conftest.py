@@ -5,6 +5,8 @@ from pathlib import Path
 
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("WANDB_SILENT", "true")
+# Inherited by every process a test starts (the command line, benchmarks, DDP ranks): see torch.set_num_threads below.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

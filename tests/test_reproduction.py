@@ -64,17 +64,19 @@ def test_trainer_test_gives_the_same_number(omniglot_root):
     assert outcome["test/acc_pre"] < 0.3  # chance is 0.2
 
 
-def test_compare_prints_the_paired_difference(omniglot_root):
+def test_compare_prints_the_paired_difference(omniglot_root, capsys):
     """benchmarks/compare.py on one checkpoint under two protocols: each side's mean and the paired difference, which
     is exactly zero for a model against itself."""
-    import subprocess
+    import compare
 
     name, result = next((n, r) for n, r in RELEASED if n == "omniglot_maml_5w1s.yaml")
     ckpt = str(REPO / result["checkpoint"])
-    command = [sys.executable, str(REPO / "benchmarks" / "compare.py"), f"configs/{name}", ckpt, ckpt, "--root", str(omniglot_root), "--episodes", "20"]
-    same = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=True).stdout
+    arguments = [f"configs/{name}", ckpt, ckpt, "--root", str(omniglot_root), "--episodes", "20"]
+    compare.main(arguments)
+    same = capsys.readouterr().out
     row = next(line for line in same.splitlines() if line.strip().startswith("acc |"))
     assert row.split("|")[3].split() == ["0.000", "±", "0.000"], same
-    other = subprocess.run([*command, "--b", "normalization=support"], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    compare.main([*arguments, "--b", "normalization=support"])
+    other = capsys.readouterr().out
     cells = next(line for line in other.splitlines() if line.strip().startswith("acc |")).split("|")
     assert float(cells[1].split()[0]) - float(cells[2].split()[0]) == pytest.approx(float(cells[3].split()[0]), abs=2e-3)
