@@ -185,13 +185,18 @@ def refuse_fused_norm_for_second_order(backbone: nn.Module, second_order: bool, 
         )
     native = inexact_norm_layers(backbone)
     if native:
-        layer, module = native[0]
-        others = f" (and {len(native) - 1} more)" if len(native) > 1 else ""
         raise ConfigError(
-            f"{name}: the backbone's {type(module).__name__} layer {layer or '(the backbone itself)'}{others} gives "
+            f"{name}: the backbone's {_describe_layers(native)} gives "
             "wrong second-order gradients under vmap; normalize with lit_meta.BatchStatNorm instead, or set "
             "vectorize: false or first_order: true"
         )
+
+
+def _describe_layers(layers: list[tuple[str, nn.Module]]) -> str:
+    """``"BatchNorm2d layer block.0.norm (and 3 more)"``: the first of ``layers`` for a one-line error."""
+    layer, module = layers[0]
+    others = f" (and {len(layers) - 1} more)" if len(layers) > 1 else ""
+    return f"{type(module).__name__} layer {layer or '(the backbone itself)'}{others}"
 
 
 def running_statistics_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -214,10 +219,8 @@ def refuse_running_statistics_under_vmap(backbone: nn.Module, vectorize: bool, n
         return
     layers = running_statistics_layers(backbone)
     if layers:
-        layer, module = layers[0]
-        others = f" (and {len(layers) - 1} more)" if len(layers) > 1 else ""
         raise ConfigError(
-            f"{name}: the backbone's {type(module).__name__} layer {layer or '(the backbone itself)'}{others} updates "
+            f"{name}: the backbone's {_describe_layers(layers)} updates "
             "running statistics in place in training, which vmap cannot do; normalize with lit_meta.BatchStatNorm "
             "instead (TimmBackbone: norm: batch_stat), or set vectorize: false"
         )
