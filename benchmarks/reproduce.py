@@ -194,7 +194,7 @@ def record(name: str, result: dict[str, Any], path: Path = RECORDS) -> None:
     same = lambda r: all(r.get(k) == result.get(k) for k in keys)  # noqa: E731
     results = [r for r in records[name].get("results") or [] if not same(r)] + [result]
     records[name]["results"] = results
-    text = yaml.safe_dump(records, sort_keys=True, allow_unicode=True, width=120)
+    text = yaml.safe_dump(records, sort_keys=True, allow_unicode=True, width=10**9)
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(text)
     tmp.replace(path)
