@@ -51,7 +51,47 @@ def episode_generator(*keys: int) -> torch.Generator:
     return gen
 
 
-class EpisodeLoader:
+class _EpochCursor:
+    """The ``(epoch, position)`` state of a sized loader, saved in checkpoints so that a resumed run continues exactly.
+
+    Lightning does not prefetch from a sized loader, so batches handed out equal batches consumed when a checkpoint is
+    written. A restored mid-epoch state continues where it stopped; a finished pass resumes as "start the next epoch".
+    A ``fixed`` loader (evaluation) replays epoch 0 on every pass.
+    """
+
+    fixed = False
+    num_batches: int
+
+    def _start_cursor(self) -> None:
+        self.epoch = 0  # epoch of the pass in progress (or of the first pass, before it starts)
+        self.position = 0  # batches of the current pass already handed out
+        self._started = False
+        self._resume = False
+
+    def _positions(self) -> Iterator[int]:
+        if self._resume:
+            self._resume = False
+        else:
+            if self._started and not self.fixed:
+                self.epoch += 1
+            self.position = 0
+        self._started = True
+        while self.position < self.num_batches:
+            index = self.position
+            self.position += 1
+            yield index
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "started": self._started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._started = bool(state["started"])
+        self._resume = self._started and self.position < self.num_batches
+
+
+class EpisodeLoader(_EpochCursor):
     """A sized, stateful iterable of :class:`TaskBatch` es.
 
     Args:
@@ -103,10 +143,7 @@ class EpisodeLoader:
             self.num_batches = math.ceil(len(self.episodes) / meta_batch_size)
         else:
             self.num_batches = num_batches
-        self.epoch = 0  # epoch of the pass in progress (or of the first pass, before it starts)
-        self.position = 0  # batches of the current pass already handed out
-        self._started = False
-        self._resume = False
+        self._start_cursor()
 
     def __len__(self) -> int:
         return self.num_batches
@@ -131,32 +168,11 @@ class EpisodeLoader:
         return self.augmentation.draw_tasks(batch, [episode_generator(*keys, AUGMENTATION_KEY) for keys in ids])
 
     def __iter__(self) -> Iterator[TaskBatch | AugmentedBatch]:
-        # Lightning does not prefetch from a sized loader, so batches handed out == batches consumed when a
-        # checkpoint is written; a restored mid-epoch state continues where it stopped.
-        if self._resume:
-            self._resume = False
-        else:
-            if self._started and not self.fixed:
-                self.epoch += 1
-            self.position = 0
-        self._started = True
-        while self.position < self.num_batches:
-            index = self.position
-            self.position += 1
+        for index in self._positions():
             yield self.batch(index)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "started": self._started}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self._started = bool(state["started"])
-        # A finished pass resumes as "start the next epoch"; an unfinished one continues.
-        self._resume = self._started and self.position < self.num_batches
-
-
-class BatchLoader:
+class BatchLoader(_EpochCursor):
     """A sized, stateful iterable of :class:`ExampleBatch` es: every epoch one permutation of all examples.
 
     Epoch ``e`` orders the ``num_examples`` examples by a permutation drawn from a generator seeded by
@@ -200,10 +216,7 @@ class BatchLoader:
         self.world_size = world_size
         self.per_rank = math.ceil(num_examples / world_size)
         self.num_batches = math.ceil(self.per_rank / batch_size)
-        self.epoch = 0
-        self.position = 0
-        self._started = False
-        self._resume = False
+        self._start_cursor()
         self._order: tuple[int, Tensor] | None = None
 
     def __len__(self) -> int:
@@ -229,23 +242,5 @@ class BatchLoader:
         return self.augmentation.draw_examples(batch, episode_generator(*keys))
 
     def __iter__(self) -> Iterator[ExampleBatch | AugmentedBatch]:
-        if self._resume:
-            self._resume = False
-        else:
-            if self._started:
-                self.epoch += 1
-            self.position = 0
-        self._started = True
-        while self.position < self.num_batches:
-            index = self.position
-            self.position += 1
+        for index in self._positions():
             yield self.batch(index)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "started": self._started}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self._started = bool(state["started"])
-        self._resume = self._started and self.position < self.num_batches
