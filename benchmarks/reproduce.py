@@ -8,8 +8,8 @@
 ``evaluate`` tests a checkpoint on the config's fixed test episodes (the same episodes, protocol and values as
 ``python -m lit_meta test --config CONFIG --ckpt_path CKPT``), prints the result and records it in
 ``benchmarks/reproduction.yaml`` (one entry per config: the paper, its number and protocol, and our results).
-``--normalization`` / ``--eval-inner-steps`` / ``--queries`` evaluate under another protocol than the config's; the
-row then says so. ``render`` turns the records into ``docs/reproduce.md``, so the table cannot drift from them.
+``--normalization`` / ``--eval-inner-steps`` / ``--queries`` evaluate under another protocol than the config's, and
+``--evaluator`` / ``--feature-transform`` choose a pre-trained network's few-shot evaluator; the row then says so. ``render`` turns the records into ``docs/reproduce.md``, so the table cannot drift from them.
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ CONFIGS = REPO / "configs"
 RECORDS = REPO / "benchmarks" / "reproduction.yaml"
 TABLE = REPO / "docs" / "reproduce.md"
 # Test-time settings a result may override, as (record key, model or data init_args key).
-MODEL_OVERRIDES = {"normalization": "normalization", "eval_inner_steps": "eval_inner_steps"}
+MODEL_OVERRIDES = {
+    "normalization": "normalization",
+    "eval_inner_steps": "eval_inner_steps",
+    # A pre-trained network's few-shot evaluator: a checkpoint stores the one it was validated with.
+    "evaluator": "evaluator",
+    "feature_transform": "feature_transform",
+}
 DATA_OVERRIDES = {"queries": "queries"}
 
 
@@ -77,6 +83,9 @@ def protocol_text(config: dict[str, Any], result: dict[str, Any] | None = None) 
         shape = f"{data.get('ways', 5)}-way {data.get('shots', 1)}-shot, {queries} quer{'y' if queries == 1 else 'ies'}/class"
         parts = [f"{dataset}{split}", shape]
         parts.append(f"{model.get('normalization', 'transductive')} norm")
+        if model.get("evaluator"):
+            transform = model.get("feature_transform", "none")
+            parts.append(f"{model['evaluator'].replace('_', ' ')}" + (f" on {transform} features" if transform != "none" else ""))
     if "eval_inner_steps" in model or "inner_steps" in model:
         parts.append(f"{model.get('eval_inner_steps', model.get('inner_steps'))} inner steps")
     parts.append(f"{data.get('test_episodes', 600):,} {'test tasks' if dataset == 'Rollout' else 'episodes'}")
@@ -212,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--normalization", default=None)
     ev.add_argument("--eval-inner-steps", type=int, default=None)
     ev.add_argument("--queries", type=int, default=None)
+    ev.add_argument("--evaluator", default=None, help="a pre-trained network's few-shot evaluator (Pretrain)")
+    ev.add_argument("--feature-transform", default=None, help="the features that evaluator sees (Pretrain)")
     ev.add_argument("--steps", type=int, required=True, help="training steps the checkpoint's run took")
     ev.add_argument("--device", required=True, help="e.g. '1 CPU thread'")
     ev.add_argument("--hours", type=float, required=True, help="wall time of the training run")
@@ -233,7 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     name = Path(args.config).name
     checkpoint = Path(args.checkpoint)
     checkpoint = str(checkpoint.resolve().relative_to(REPO)) if checkpoint.resolve().is_relative_to(REPO) else str(checkpoint)
-    overrides = {"normalization": args.normalization, "eval_inner_steps": args.eval_inner_steps, "queries": args.queries}
+    overrides = {
+        "normalization": args.normalization, "eval_inner_steps": args.eval_inner_steps, "queries": args.queries,
+        "evaluator": args.evaluator, "feature_transform": args.feature_transform,
+    }
     mean, ci, metric, first = evaluate(name, str(REPO / checkpoint), args.root, overrides)
     result = {
         f"first_{CHECK_EPISODES}": round(first, 6),

@@ -63,6 +63,33 @@ def test_meta_gradient_equals_the_closed_form_implicit_gradient():
     assert not torch.allclose(grad.reshape(-1), expected * 0 + query_grad, atol=1e-3)
 
 
+def test_cg_damping_solves_the_damped_system():
+    """With ``cg_damping = d`` the meta-gradient is ``(I + H / (lambda + d))^{-1} grad L_Q(phi*)`` (the inner problem,
+    and so phi*, keep lambda); a very large d gives the first-order answer ``grad L_Q(phi*)``."""
+    batch = regression_tasks()
+    lam, damping = 2.0, 3.0
+    grads = {}
+    for d in (damping, 1e12):
+        net = nn.Linear(4, 1, bias=False).double()
+        torch.nn.init.constant_(net.weight, 0.1)
+        model = IMAML(net, inner_lr=0.1, inner_steps=400, lam=lam, cg_steps=4, cg_damping=d, vectorize=True)
+        (grads[d],) = meta_gradient(model, batch)
+    theta = torch.full((4,), 0.1, dtype=torch.float64)
+    damped = torch.zeros(4, dtype=torch.float64)
+    first_order = torch.zeros(4, dtype=torch.float64)
+    for t in range(batch.num_tasks):
+        x, y = batch.support_x[t], batch.support_y[t].reshape(-1)
+        qx, qy = batch.query_x[t], batch.query_y[t].reshape(-1)
+        h = 2.0 / len(x) * x.T @ x
+        eye = torch.eye(4, dtype=torch.float64)
+        phi = torch.linalg.solve(h + lam * eye, lam * theta + 2.0 / len(x) * x.T @ y)
+        query_grad = 2.0 / len(qx) * qx.T @ (qx @ phi - qy)
+        damped += torch.linalg.solve(eye + h / (lam + damping), query_grad) / batch.num_tasks
+        first_order += query_grad / batch.num_tasks
+    torch.testing.assert_close(grads[damping].reshape(-1), damped, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(grads[1e12].reshape(-1), first_order, rtol=1e-8, atol=1e-10)
+
+
 def image_tasks(tasks: int = 2, size: int = 16) -> TaskBatch:
     g = torch.Generator().manual_seed(2)
     draw = lambda n: torch.rand(tasks, 3 * n, 1, size, size, generator=g, dtype=torch.float64)  # noqa: E731

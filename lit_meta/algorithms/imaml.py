@@ -70,6 +70,11 @@ class IMAML(MetaLearner):
         eval_inner_steps: inner steps at validation and test (default ``inner_steps``).
         lam: the proximal regularization ``lambda``.
         cg_steps: conjugate-gradient iterations for the implicit meta-gradient.
+        cg_damping: solve ``(I + H / (lam + cg_damping)) g = grad L_Q`` instead of ``(I + H / lam) g = grad L_Q``. The
+            support loss of a network is not convex: ``I + H / lam`` can be indefinite, and then conjugate gradient
+            is not a solver. Damping shrinks the curvature correction towards the first-order meta-gradient
+            ``grad L_Q(phi)`` without changing the inner problem. Rajeswaran et al.'s released Omniglot code solves
+            ``2 g + H g / (lam + 10) = grad L_Q``: this system with ``cg_damping = lam + 20``, up to a factor 2.
         **kwargs: see :class:`~lit_meta.algorithms.base.MetaLearner` (optimizer, scheduler, vectorize, chunk_size,
             normalization).
     """
@@ -82,6 +87,7 @@ class IMAML(MetaLearner):
         eval_inner_steps: int | None = None,
         lam: float = 2.0,
         cg_steps: int = 5,
+        cg_damping: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, **kwargs)
@@ -89,11 +95,14 @@ class IMAML(MetaLearner):
         require_positive(inner_steps=inner_steps, eval_inner_steps=eval_inner_steps, cg_steps=cg_steps)
         if not lam > 0:
             raise ConfigError(f"lam (the proximal regularization) must be positive, got {lam!r}")
+        if not cg_damping >= 0:
+            raise ConfigError(f"cg_damping must be zero or positive, got {cg_damping!r}")
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
         self.lam = float(lam)
         self.cg_steps = cg_steps
+        self.cg_damping = float(cg_damping)
         # The Hessian-vector products are second-order derivatives of the backbone, taken under vmap.
         refuse_fused_norm_for_second_order(self.backbone, True, self.vectorize, type(self).__name__)
 
@@ -133,7 +142,7 @@ class IMAML(MetaLearner):
 
             def apply(v: Params) -> Params:
                 (hv,) = hessian_vector(v)
-                return {k: v[k] + hv[k] / self.lam for k in v}
+                return {k: v[k] + hv[k] / (self.lam + self.cg_damping) for k in v}
 
             query_grad = torch.func.grad(loss_on(query_x, query_y))(phi)
             return conjugate_gradient(apply, query_grad, self.cg_steps)
