@@ -144,3 +144,14 @@ def test_vectorized_equals_looped():
     b = meta_gradient(conv_model(vectorize=False, inner_steps=20), batch)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-10)
+
+
+def test_solver_residuals_measure_the_inner_optimum_and_the_linear_solve():
+    """On the least-squares problem: a converged inner loop and an exact CG give residuals at rounding level; one
+    inner step leaves most of the stationarity gap and one CG step most of the linear residual."""
+    batch = regression_tasks()
+    net = nn.Linear(4, 1, bias=False).double()
+    converged = IMAML(copy.deepcopy(net), inner_lr=0.1, inner_steps=400, lam=2.0, cg_steps=4).solver_residuals(batch)
+    assert converged["inner_residual"].max() < 1e-10 and converged["cg_residual"].max() < 1e-8
+    rough = IMAML(copy.deepcopy(net), inner_lr=0.01, inner_steps=1, lam=2.0, cg_steps=1).solver_residuals(batch)
+    assert (rough["inner_residual"] > 0.5).all() and (rough["cg_residual"] > 1e-3).all()

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from datamodules.errors import ConfigError, require_positive
-from lit_meta.adaptation import Params, adapt
+from datamodules.task_batch import TaskBatch
+from lit_meta.adaptation import Params, adapt, map_tasks
 from lit_meta.algorithms.base import MetaLearner, task_loss
 from lit_meta.backbones import refuse_fused_norm_for_second_order
 from lit_meta.normalization import not_recording, query_outputs
@@ -38,6 +39,10 @@ from lit_meta.normalization import not_recording, query_outputs
 
 def _dot(a: Params, b: Params) -> Tensor:
     return sum((a[k] * b[k]).sum() for k in a)
+
+
+def _norm(a: Params) -> Tensor:
+    return torch.sqrt(_dot(a, a))
 
 
 def conjugate_gradient(apply: Callable[[Params], Params], b: Params, steps: int, eps: float = 1e-12) -> Params:
@@ -75,6 +80,9 @@ class IMAML(MetaLearner):
             is not a solver. Damping shrinks the curvature correction towards the first-order meta-gradient
             ``grad L_Q(phi)`` without changing the inner problem. Rajeswaran et al.'s released Omniglot code solves
             ``2 g + H g / (lam + 10) = grad L_Q``: this system with ``cg_damping = lam + 20``, up to a factor 2.
+        monitor_every: every this many training steps, log how well the two solves hold (see
+            :meth:`solver_residuals`): ``train/inner_residual`` and ``train/cg_residual``, means over the meta-batch.
+            ``0`` turns it off.
         **kwargs: see :class:`~lit_meta.algorithms.base.MetaLearner` (optimizer, scheduler, vectorize, chunk_size,
             normalization).
     """
@@ -88,6 +96,7 @@ class IMAML(MetaLearner):
         lam: float = 2.0,
         cg_steps: int = 5,
         cg_damping: float = 0.0,
+        monitor_every: int = 50,
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, **kwargs)
@@ -97,6 +106,9 @@ class IMAML(MetaLearner):
             raise ConfigError(f"lam (the proximal regularization) must be positive, got {lam!r}")
         if not cg_damping >= 0:
             raise ConfigError(f"cg_damping must be zero or positive, got {cg_damping!r}")
+        if monitor_every < 0:
+            raise ConfigError(f"monitor_every must be zero (off) or positive, got {monitor_every!r}")
+        self.monitor_every = monitor_every
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
@@ -128,24 +140,61 @@ class IMAML(MetaLearner):
         )
         return trajectory[-1], buffers
 
+    def _support_curvature(self, phi: Params, buffers: Params, support_x: Tensor, support_y: Tensor) -> tuple[Params, Callable[[Params], Params]]:
+        """``(grad L_S(phi), v -> (I + H / (lam + cg_damping)) v)``, with the support gradient linearized once at phi:
+        each application is then one Hessian-vector product (reverse over reverse; H is symmetric, so its
+        vector-Jacobian product is H v)."""
+        support_grad, hessian_vector = torch.func.vjp(torch.func.grad(self._loss_on(buffers, support_x, support_y)), phi)
+        scale = self.lam + self.cg_damping
+
+        def apply(v: Params) -> Params:
+            (hv,) = hessian_vector(v)
+            return {k: v[k] + hv[k] / scale for k in v}
+
+        return support_grad, apply
+
+    def _loss_on(self, buffers: Params, x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
+        return lambda p: task_loss(functional_call(self.backbone, {**buffers, **p}, (x,)), y)
+
     def implicit_gradient(self, phi: Params, buffers: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Params:
         """``(I + H / lambda)^{-1} grad L_Q(phi)`` by conjugate gradient (``H``: the support loss's Hessian at phi)."""
-
-        def loss_on(x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
-            return lambda p: task_loss(functional_call(self.backbone, {**buffers, **p}, (x,)), y)
-
         # These passes run inside torch.func transforms: their normalization statistics are not training's.
         with not_recording():
-            # The support gradient linearized once at phi: each CG iteration is then one Hessian-vector product
-            # (reverse over reverse; H is symmetric, so its vector-Jacobian product is H v).
-            _, hessian_vector = torch.func.vjp(torch.func.grad(loss_on(support_x, support_y)), phi)
-
-            def apply(v: Params) -> Params:
-                (hv,) = hessian_vector(v)
-                return {k: v[k] + hv[k] / (self.lam + self.cg_damping) for k in v}
-
-            query_grad = torch.func.grad(loss_on(query_x, query_y))(phi)
+            _, apply = self._support_curvature(phi, buffers, support_x, support_y)
+            query_grad = torch.func.grad(self._loss_on(buffers, query_x, query_y))(phi)
             return conjugate_gradient(apply, query_grad, self.cg_steps)
+
+    def solver_residuals(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """How well a meta-training step's two approximate solves hold, per task (``[T]`` each).
+
+        The implicit meta-gradient is exact only at the inner optimum and for an exact linear solve:
+
+        - ``inner_residual``: ``|grad L_S(phi) + lam (phi - theta)| / |grad L_S(theta)|``, the inner problem's
+          stationarity after ``inner_steps`` (0 at the optimum, 1 for no progress from theta; growing values mean
+          the inner step size is too large for the support loss's curvature);
+        - ``cg_residual``: ``|A g - grad L_Q(phi)| / |grad L_Q(phi)|`` with ``A = I + H / (lam + cg_damping)`` and
+          ``g`` the conjugate-gradient answer (well above 1 when ``A`` is indefinite: raise ``cg_damping``).
+        """
+
+        def per_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+            phi, buffers = self.solve_inner(sx, sy, self.inner_steps)
+            theta = {k: v.detach() for k, v in self.backbone.named_parameters()}
+            support_grad, apply = self._support_curvature(phi, buffers, sx, sy)
+            start_grad = torch.func.grad(self._loss_on(buffers, sx, sy))(theta)
+            stationarity = {k: support_grad[k] + self.lam * (phi[k] - theta[k]) for k in phi}
+            query_grad = torch.func.grad(self._loss_on(buffers, qx, qy))(phi)
+            g = conjugate_gradient(apply, query_grad, self.cg_steps)
+            ag = apply(g)
+            miss = {k: ag[k] - query_grad[k] for k in g}
+            tiny = 1e-30
+            return (_norm(stationarity) / _norm(start_grad).clamp_min(tiny)).detach(), (_norm(miss) / _norm(query_grad).clamp_min(tiny)).detach()
+
+        with not_recording():
+            inner, cg = map_tasks(
+                per_task, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+                vectorize=self.vectorize, chunk_size=self.chunk_size,
+            )
+        return {"inner_residual": inner, "cg_residual": cg}
 
     def task_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, training: bool) -> tuple[Tensor, Tensor]:
         phi, buffers = self.solve_inner(support_x, support_y, self.steps(training))
@@ -162,3 +211,12 @@ class IMAML(MetaLearner):
         theta = dict(self.backbone.named_parameters())
         surrogate = sum((theta[k] * g[k].detach()).sum() for k in theta)
         return loss.detach() + surrogate - surrogate.detach(), predictions
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.monitor_every and batch_idx % self.monitor_every == 0:
+            with self.inner_loop_precision():
+                values = self.solver_residuals(batch)
+            for key, value in values.items():
+                self.log(f"train/{key}", value.mean(), on_step=True, on_epoch=True, batch_size=batch.num_tasks)
+        return loss
