@@ -125,6 +125,7 @@ ALGORITHMS: dict[str, tuple[Callable[[], MetaLearner], Callable[..., EpisodicDat
     "reptile": (lambda: _algorithm("Reptile")(SinusoidMLP(hidden=(16, 16)), inner_steps=2, optimizer=sgd), sinusoid),
     "protonet": (lambda: _algorithm("ProtoNet")(TinyEmbedding(), optimizer=adam), toy_classes),
     "matchingnet": (lambda: _algorithm("MatchingNet")(TinyEmbedding(), fce=True, fce_steps=2, optimizer=adam), toy_classes),
+    "imaml": (lambda: _algorithm("IMAML")(SinusoidMLP(hidden=(16, 16)), inner_lr=0.05, inner_steps=3, cg_steps=3, optimizer=adam), sinusoid),
     "metabgd": (
         lambda: _algorithm("MetaBGD")(TinyEmbedding(), inner_steps=2, generator_hidden=8, learn_inner_lr=True, optimizer=adam),
         toy_classes,
@@ -138,6 +139,7 @@ ALGORITHM_CLASSES = {
     "reptile": "Reptile",
     "protonet": "ProtoNet",
     "matchingnet": "MatchingNet",
+    "imaml": "IMAML",
     "metabgd": "MetaBGD",
 }
 
