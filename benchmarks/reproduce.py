@@ -9,7 +9,8 @@
 ``python -m lit_meta test --config CONFIG --ckpt_path CKPT``), prints the result and records it in
 ``benchmarks/reproduction.yaml`` (one entry per config: the paper, its number and protocol, and our results).
 ``--normalization`` / ``--eval-inner-steps`` / ``--queries`` evaluate under another protocol than the config's, and
-``--evaluator`` / ``--feature-transform`` choose a pre-trained network's few-shot evaluator; the row then says so. ``render`` turns the records into ``docs/reproduce.md``, so the table cannot drift from them.
+``--evaluator`` / ``--feature-transform`` choose a pre-trained network's few-shot evaluator; the row then says so.
+``render`` turns the records into ``docs/reproduce.md``, so the table cannot drift from them.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ QUICK_CHECK_EPISODES = 50
 
 
 def check_episodes(model: Any, ways: int) -> int:
-    """How many of the first test episodes the test suite re-evaluates for a record of ``model`` on ``ways``-way tasks."""
+    """How many of the first test episodes the test suite re-checks for a record of ``model`` on ``ways``-way tasks."""
     if ways > 5 or getattr(model, "evaluator", None) in OPTIMIZING_EVALUATORS:
         return QUICK_CHECK_EPISODES
     return CHECK_EPISODES
@@ -262,10 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     name = Path(args.config).name
     checkpoint = Path(args.checkpoint)
     checkpoint = str(checkpoint.resolve().relative_to(REPO)) if checkpoint.resolve().is_relative_to(REPO) else str(checkpoint)
-    overrides = {
-        "normalization": args.normalization, "eval_inner_steps": args.eval_inner_steps, "queries": args.queries,
-        "evaluator": args.evaluator, "feature_transform": args.feature_transform,
-    }
+    overrides = {key: getattr(args, key) for key in (*MODEL_OVERRIDES, *DATA_OVERRIDES)}
     mean, ci, metric, n, first = evaluate(name, str(REPO / checkpoint), args.root, overrides)
     result = {
         f"first_{n}": round(first, 6),

@@ -39,9 +39,9 @@ def test_every_result_names_its_protocol_and_a_committed_checkpoint():
 
 @pytest.mark.parametrize("name,result", RELEASED, ids=[f"{n}:{r['checkpoint'].rsplit('/', 1)[-1]}" for n, r in RELEASED])
 def test_released_checkpoint_reproduces_its_number(name, result, request):
-    """The first 200 of the config's fixed test episodes (50 for evaluators that run an optimizer) give the recorded
-    value again (to a query or two out of a thousand: kernels may round differently on another CPU), well inside the
-    table's confidence interval."""
+    """The first 200 of the config's fixed test episodes (50 for 20-way rows and evaluators that run an optimizer) give
+    the recorded value again (to a query or two out of a thousand: kernels may round differently on another CPU), well
+    inside the table's confidence interval."""
     overrides = {k: result.get(k) for k in (*reproduce.MODEL_OVERRIDES, *reproduce.DATA_OVERRIDES)}
     config = reproduce.read_config(name)
     # Only the Omniglot rows need the full dataset (the sinusoid's tasks are generated).

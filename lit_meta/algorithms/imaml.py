@@ -157,7 +157,8 @@ class IMAML(MetaLearner):
         return lambda p: task_loss(functional_call(self.backbone, {**buffers, **p}, (x,)), y)
 
     def implicit_gradient(self, phi: Params, buffers: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Params:
-        """``(I + H / lambda)^{-1} grad L_Q(phi)`` by conjugate gradient (``H``: the support loss's Hessian at phi)."""
+        """``(I + H / (lambda + cg_damping))^{-1} grad L_Q(phi)`` by conjugate gradient (``H``: the support loss's
+        Hessian at phi)."""
         # These passes run inside torch.func transforms: their normalization statistics are not training's.
         with not_recording():
             _, apply = self._support_curvature(phi, buffers, support_x, support_y)
