@@ -35,6 +35,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
 
 import lit_meta  # noqa: E402
+import lit_meta.rl  # noqa: E402
 from datamodules import EpisodicDataModule, SinusoidDataModule, TaskBatch  # noqa: E402
 from lit_meta import MAML, MetaLearner, SinusoidMLP  # noqa: E402
 from lit_meta.backbones import BatchStatNorm  # noqa: E402
@@ -329,6 +330,44 @@ def scenario_resume(out: Path, devices: int) -> dict[str, Any]:
     return results
 
 
+def mamlrl() -> lit_meta.rl.MAMLRL:
+    """A small second-order MAML-TRPO policy on 2-D navigation (initialized from seed 0), in float64.
+
+    With so few samples the Fisher matrix is far from full rank: under the default damping (1e-5) merely reordering
+    the tasks moves the conjugate-gradient step by 1e-3 of its size, so this model damps with 1e-2, which makes the
+    step a well-conditioned function of the data (reordering: 1e-10).
+    """
+    torch.manual_seed(0)
+    policy = lit_meta.rl.GaussianMLPPolicy(hidden=(8, 8))
+    return lit_meta.rl.MAMLRL(backbone=policy, horizon=6, trajectories=3, cg_damping=1e-2).double()
+
+
+class TaskRecorder(Callback):
+    """Records, on this rank, each meta-iteration's RL tasks (goals and rollout seeds) and the parameters after it."""
+
+    def __init__(self) -> None:
+        self.initial: dict[str, Tensor] = {}
+        self.tasks: list[Any] = []
+        self.params: list[dict[str, Tensor]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.initial = state(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.tasks.append(batch.to("cpu"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.params.append({k: p.detach().cpu().clone() for k, p in pl_module.named_parameters()})
+
+
+def scenario_mamlrl(out: Path, devices: int) -> dict[str, Any]:
+    """Two TRPO meta-iterations of MAML-RL, each rank collecting trajectories of its own 2 tasks."""
+    recorder = TaskRecorder()
+    data = lit_meta.rl.RolloutDataModule(meta_batch_size=2, train_batches=2, val_episodes=2, test_episodes=2, eval_meta_batch_size=2)
+    trainer(out, devices, max_steps=2, callbacks=[recorder], precision="64-true").fit(mamlrl(), data)
+    return {"initial": recorder.initial, "tasks": recorder.tasks, "params": recorder.params}
+
+
 class InjectNonFinite(MAML):
     """MAML whose meta-loss becomes non-finite on one rank at one training call (a stand-in for an overflow)."""
 
@@ -405,6 +444,7 @@ def main() -> None:
         ("nonfinite_bf16-mixed", lambda: scenario_nonfinite(args.out, args.devices, "bf16-mixed")),
         ("nonfinite_16-mixed", lambda: scenario_nonfinite(args.out, args.devices, "16-mixed")),
         ("evaluation_maml", lambda: scenario_evaluation(args.out, args.devices, "maml")),
+        ("mamlrl", lambda: scenario_mamlrl(args.out, args.devices)),
     ]
     if available("protonet"):
         scenarios.append(("evaluation_protonet", lambda: scenario_evaluation(args.out, args.devices, "protonet")))

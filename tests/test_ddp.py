@@ -286,3 +286,27 @@ def test_evaluation_covers_every_episode_once(ddp, name):
             logged = result["metrics"]
             assert logged[key] == pytest.approx(mean, rel=1e-5, abs=1e-6), f"rank {rank}: {key}"
             assert logged[f"{key}_ci95"] == pytest.approx(ci, rel=1e-5, abs=1e-6), f"rank {rank}: {key}_ci95"
+
+
+def test_mamlrl_takes_the_trpo_step_of_every_ranks_tasks(ddp):
+    from lit_meta.rl import NavigationTasks
+
+    r0, r1 = ddp("mamlrl")
+    model = scenarios.mamlrl()
+    for key, value in model.state_dict().items():
+        assert torch.equal(r0["initial"][key], value) and torch.equal(r1["initial"][key], value)
+    alone = scenarios.mamlrl()  # the step a rank would take on its own tasks, without the all-reduce
+    alone.meta_step(r0["tasks"][0])
+    for step in range(2):
+        ranks_tasks = [r0["tasks"][step], r1["tasks"][step]]
+        assert not torch.equal(ranks_tasks[0].seeds, ranks_tasks[1].seeds), "the ranks collected the same tasks"
+        before = {k: p.detach().clone() for k, p in model.named_parameters()}
+        # Single process: one TRPO step on the meta-batch of both ranks' tasks.
+        model.meta_step(NavigationTasks(torch.cat([t.goals for t in ranks_tasks]), torch.cat([t.seeds for t in ranks_tasks])))
+        after = {k: p.detach().clone() for k, p in model.named_parameters()}
+        assert any(not torch.equal(before[k], after[k]) for k in after), f"step {step} did not move the policy"
+        for rank, result in enumerate((r0, r1)):
+            for key, value in after.items():
+                torch.testing.assert_close(result["params"][step][key], value, rtol=1e-8, atol=1e-9, msg=f"rank {rank}, step {step}: {key}")
+    first = {k: p.detach() for k, p in alone.named_parameters()}
+    assert any(not torch.allclose(first[k], r0["params"][0][k], rtol=1e-3, atol=1e-3) for k in first), "the ranks did not combine their tasks"

@@ -77,7 +77,9 @@ def sample_trajectories(
     if len(generators) != num_tasks:
         raise ValueError(f"need one generator per task: {len(generators)} for {num_tasks} tasks")
     horizon, action_dim = env.horizon, env.action_dim
-    noise = torch.stack([torch.randn((trajectories, horizon, action_dim), generator=g) for g in generators])
+    # Drawn in float32 whatever the default dtype ("64-true" precision changes it), so that a task's seed gives the
+    # same noise at every precision.
+    noise = torch.stack([torch.randn((trajectories, horizon, action_dim), generator=g, dtype=torch.float32) for g in generators])
     noise = noise.to(device=goals.device, dtype=goals.dtype)
     params = {k: v.detach() for k, v in params.items()}
     target = goals[:, None, :]

@@ -134,7 +134,7 @@ def sample_env_trajectories(
     horizon, action_dim = tasks.horizon, tasks.action_dim
     noise, seeds = [], []
     for generator in generators:
-        noise.append(torch.randn((trajectories, horizon, action_dim), generator=generator))
+        noise.append(torch.randn((trajectories, horizon, action_dim), generator=generator, dtype=torch.float32))  # as in rollouts.py
         seeds.append(torch.randint(0, RESET_SEED_BOUND, (trajectories,), generator=generator))
     noise_t = torch.stack(noise).to(device=goals.device, dtype=goals.dtype)
     params = {k: v.detach() for k, v in params.items()}
