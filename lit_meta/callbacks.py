@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from datamodules.errors import ConfigError
 
@@ -149,6 +150,34 @@ class MetaCheckpoint(ModelCheckpoint):
             self.filename = "best-{epoch}-{step}"
             self.auto_insert_metric_name = False
         super().setup(trainer, pl_module, stage)
+
+    # ------------------------------------------------------------------------------------------------ selection
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state of the run that wrote the checkpoint, its best-checkpoint selection included.
+
+        ``fit --ckpt_path`` continues in a new folder (the logger's next version), and Lightning then restores only
+        ``best_model_path``: the score is lost, the first validation after the resume becomes the best however poor,
+        and the run is tested on it. Here the previous best checkpoints stay in the selection while their files exist
+        (Lightning never deletes a checkpoint outside the current folder); where none is left, selection restarts at
+        the resume, with a warning.
+        """
+        super().load_state_dict(state_dict)
+        if self.best_model_score is not None or state_dict.get("best_model_score") is None:
+            return  # the same folder (Lightning restored everything), or nothing was selected yet
+        kept = {path: score for path, score in state_dict.get("best_k_models", {}).items() if Path(path).is_file()}
+        if not kept:
+            rank_zero_warn(
+                f"the best checkpoint of the resumed run ({state_dict['best_model_path']}) is not there: "
+                "best-checkpoint selection restarts from this resume"
+            )
+            self.best_model_path = ""
+            return
+        better, worse = (max, min) if self.mode == "max" else (min, max)
+        self.best_k_models = kept
+        self.best_model_path = better(kept, key=lambda path: float(kept[path]))
+        self.best_model_score = kept[self.best_model_path]
+        self.kth_best_model_path = worse(kept, key=lambda path: float(kept[path]))
+        self.kth_value = kept[self.kth_best_model_path]
 
     # ------------------------------------------------------------------------------------------------- last.ckpt
     def on_train_batch_end(

@@ -111,3 +111,31 @@ def test_a_mid_epoch_validation_updates_last_checkpoint_at_once(tmp_path):
     # Validation after batches 2 and 4 of each 4-batch epoch: last.ckpt follows at once, mid-epoch included.
     assert probe.seen == [(0, None), (1, None), (2, 2), (3, 2), (4, 4), (5, 4), (6, 6), (7, 6)]
     assert torch.load(tmp_path / "mid" / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+def frozen_maml():
+    """MAML with a zero learning rate: every validation gives the same score."""
+    return MAML(SinusoidMLP(hidden=(16, 16)), inner_lr=0.01, inner_steps=1, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+
+
+@pytest.mark.parametrize("best_file", ["kept", "deleted"])
+def test_a_run_resumed_into_another_folder_keeps_the_best_of_the_whole_run(tmp_path, best_file):
+    # The command line resumes into the logger's next version: a new checkpoint folder.
+    _, dm, trainer = make(tmp_path, "first", 3)
+    trainer.fit(frozen_maml(), dm)
+    first_best = Path(trainer.checkpoint_callback.best_model_path)
+    assert first_best.name == "best-0-3.ckpt"
+    if best_file == "deleted":
+        first_best.unlink()
+    _, dm, trainer = make(tmp_path, "second", 9)
+    if best_file == "kept":
+        trainer.fit(frozen_maml(), dm, ckpt_path=tmp_path / "first" / "last.ckpt")
+        # Equal scores after the resume are not better: the whole run's best is still the first one, and its test
+        # (ckpt_path="best") uses it.
+        assert Path(trainer.checkpoint_callback.best_model_path) == first_best
+        assert not list((tmp_path / "second").glob("best-*.ckpt"))
+        assert first_best.is_file()
+    else:
+        with pytest.warns(UserWarning, match="selection restarts"):
+            trainer.fit(frozen_maml(), dm, ckpt_path=tmp_path / "first" / "last.ckpt")
+        assert Path(trainer.checkpoint_callback.best_model_path).name == "best-1-6.ckpt"
