@@ -106,7 +106,10 @@ def reference_meta_loss(model: MetaBGD, batch: TaskBatch, steps: int, first_orde
             weight, bias = reference_generator(model, means)
         scale = model.curvature(zs, sy, {"weight": weight, "bias": bias}) if model.precondition and steps else 1.0
         start = (weight, bias)
+        middle = []
         for j in range(steps):
+            if 0 < j:
+                middle.append(F.cross_entropy(tau * (zq @ weight.T + bias), qy))
             loss = F.cross_entropy(tau * (zs @ weight.T + bias), sy)
             gw, gb = torch.autograd.grad(loss, (weight, bias), create_graph=not first_order)
             if model.inner_lr_logits is None:
@@ -118,6 +121,8 @@ def reference_meta_loss(model: MetaBGD, batch: TaskBatch, steps: int, first_orde
         loss = F.cross_entropy(tau * (zq @ weight.T + bias), qy)
         if steps and weight_pre > 0:
             loss = loss + weight_pre * F.cross_entropy(tau * (zq @ start[0].T + start[1]), qy)
+        if middle and model.step_loss_weight > 0:
+            loss = loss + model.step_loss_weight * sum(middle) / len(middle)
         losses.append(loss)
     return torch.stack(losses).mean()
 
@@ -152,6 +157,7 @@ CONFIGS = {
     "residual-no-context": dict(set_context=False),
     "residual-film": dict(film=True),
     "residual-annealed-pre-loss": dict(pre_loss_weight=2.0, pre_loss_weight_end=0.5, pre_loss_anneal_steps=10),
+    "residual-step-losses": dict(step_loss_weight=0.7),
     "generator-only": dict(inner_steps=0, eval_inner_steps=3),
     "prototype": dict(generator="prototype"),
     "zero": dict(generator="zero"),
@@ -302,6 +308,8 @@ def test_configuration_errors() -> None:
         MetaBGD(TinyEmbedding(), temperature=0)
     with pytest.raises(ConfigError, match="inner_steps must be an integer"):
         MetaBGD(TinyEmbedding(), inner_steps=-1)
+    with pytest.raises(ConfigError, match="step_loss_weight must be a number >= 0"):
+        MetaBGD(TinyEmbedding(), step_loss_weight=-0.5)
     with pytest.raises(ConfigError, match="BatchStatNorm"):
         MetaBGD(nn.Sequential(nn.Linear(4, 4)), embedding_dim=4, film=True)
     with pytest.raises(ConfigError, match="embedding_dim"):

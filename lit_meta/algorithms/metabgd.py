@@ -24,10 +24,13 @@ fine-tuning steps (second order).
    ``H <= (tau^2 / 2) I (x) mean_i [z_i; 1][z_i; 1]^T`` and its top eigenvalue is at most ``C``. Every step therefore
    has ``alpha * lambda_max < a_max <= 1``: gradient descent on ``L_S`` cannot oscillate, whatever ``theta``,
    ``tau`` or the generator do during training.
-6. Meta-objective: ``L_Q((W, b)_k) + w_pre * L_Q((W, b)_0)``, averaged over the meta-batch; ``w_pre`` is annealed
-   linearly from ``pre_loss_weight`` to ``pre_loss_weight_end`` over ``pre_loss_anneal_steps`` steps (MAML++'s
-   multi-step loss, reduced to the two ends of the trajectory). The second term asks the generated head itself to
-   classify, so the generator cannot leave all the work to the fine-tuning.
+6. Meta-objective: ``L_Q((W, b)_k) + w_pre * L_Q((W, b)_0) + w_step * mean_{0<j<k} L_Q((W, b)_j)``, averaged
+   over the meta-batch; ``w_pre`` is annealed linearly from ``pre_loss_weight`` to ``pre_loss_weight_end`` over
+   ``pre_loss_anneal_steps`` steps (MAML++'s multi-step loss, reduced to the two ends of the trajectory). The second
+   term asks the generated head itself to classify, so the generator cannot leave all the work to the fine-tuning.
+   The third (``step_loss_weight``, default 0) asks every intermediate step to lower the query loss too, not only
+   the last; it is MAML++'s multi-step loss without its anneal, kept so that the query loss falls along the whole
+   trajectory instead of passing through a minimum.
 
 The ablations of the method are options of this class: ``inner_steps: 0`` (generator only),
 ``generator: "prototype"`` (Proto-MAML's closed-form head ``w_c = 2 mu_c``, ``b_c = -|mu_c|^2``, then
@@ -230,6 +233,7 @@ class MetaBGD(EmbeddingMetaLearner):
         pre_loss_weight: weight of the query loss of the generated head, before fine-tuning.
         pre_loss_weight_end: the weight reached after ``pre_loss_anneal_steps`` (default: ``pre_loss_weight``).
         pre_loss_anneal_steps: optimizer steps of the linear anneal (0: constant weight).
+        step_loss_weight: weight of the mean query loss after the intermediate fine-tuning steps ``1..k-1``.
         generator_hidden: width of the generator networks.
         set_context: condition each class's weights on the whole task.
         film: also modulate every normalization layer of the backbone from the support set (FiLM).
@@ -258,6 +262,7 @@ class MetaBGD(EmbeddingMetaLearner):
         pre_loss_weight: float = 1.0,
         pre_loss_weight_end: float | None = None,
         pre_loss_anneal_steps: int = 0,
+        step_loss_weight: float = 0.0,
         generator_hidden: int = 256,
         set_context: bool = True,
         film: bool = False,
@@ -282,6 +287,8 @@ class MetaBGD(EmbeddingMetaLearner):
         pre_loss_weight_end = pre_loss_weight if pre_loss_weight_end is None else pre_loss_weight_end
         if pre_loss_weight < 0 or pre_loss_weight_end < 0:
             raise ConfigError(f"pre_loss_weight and pre_loss_weight_end must be >= 0, got {pre_loss_weight!r}, {pre_loss_weight_end!r}")
+        if not (isinstance(step_loss_weight, (int, float)) and step_loss_weight >= 0):
+            raise ConfigError(f"step_loss_weight must be a number >= 0, got {step_loss_weight!r}")
         learned_rates = learn_inner_lr and inner_steps > 0
         if learned_rates and not inner_lr < max_inner_lr:
             raise ConfigError(
@@ -299,6 +306,7 @@ class MetaBGD(EmbeddingMetaLearner):
         self.pre_loss_weight = float(pre_loss_weight)
         self.pre_loss_weight_end = float(pre_loss_weight_end)
         self.pre_loss_anneal_steps = pre_loss_anneal_steps
+        self.step_loss_weight = float(step_loss_weight)
         self.monitor_every = monitor_every
         log_tau = torch.tensor(math.log(temperature))
         if learn_temperature:
@@ -455,6 +463,9 @@ class MetaBGD(EmbeddingMetaLearner):
         weight = self.pre_loss_weight_at(self.global_step)
         if training and len(trajectory) > 1 and weight > 0:
             objective = objective + weight * task_loss(self.logits(query_z, trajectory[0]), query_y)
+        if training and len(trajectory) > 2 and self.step_loss_weight > 0:
+            middle = torch.stack([task_loss(self.logits(query_z, head), query_y) for head in trajectory[1:-1]])
+            objective = objective + self.step_loss_weight * middle.mean()
         return objective, logits
 
     def stability(self, support_z: Tensor, support_y: Tensor, head: Params, rates: dict[str, Tensor | float]) -> Tensor:
