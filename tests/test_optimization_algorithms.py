@@ -611,6 +611,7 @@ PAPER_ROWS = {
     "omniglot_mamlpp_5w1s.yaml": ("MAML", 5, 1, 0.1, 5, 5, 8, False),
     "omniglot_mamlpp_20w1s.yaml": ("MAML", 20, 1, 0.1, 5, 5, 8, False),
     "omniglot_reptile_5w1s.yaml": ("Reptile", 5, 1, 0.001, 5, 50, 5, True),
+    "omniglot_reptile_5w5s.yaml": ("Reptile", 5, 5, 0.001, 5, 50, 5, True),
     "omniglot_reptile_20w1s.yaml": ("Reptile", 20, 1, 0.0005, 10, 50, 5, True),
     "miniimagenet_maml_5w1s.yaml": ("MAML", 5, 1, 0.01, 5, 10, 4, False),
     "miniimagenet_maml_5w5s.yaml": ("MAML", 5, 5, 0.01, 5, 10, 2, False),
@@ -650,6 +651,8 @@ def test_paper_configs_instantiate_with_the_papers_settings(name, monkeypatch):
         assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 1.0
         assert isinstance(optim["lr_scheduler"], torch.optim.lr_scheduler.LinearLR) and model.scheduler_interval == "step"
         assert dm.train_shots == 10 and model.inner_optimizer == "adam"
+        # the paper's --eval-batch: 5 in its 5-way 1-shot command line, 10 in the 5-shot and 20-way ones
+        assert model.eval_inner_batch_size == (5 if (ways, shots) == (5, 1) else 10)
     else:
         assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == 1e-3
     if "mamlpp" in name:
