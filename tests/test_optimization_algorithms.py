@@ -605,6 +605,7 @@ PAPER_ROWS = {
     "omniglot_maml_20w1s.yaml": ("MAML", 20, 1, 0.1, 5, 5, 16, False),
     "omniglot_fomaml_5w1s.yaml": ("MAML", 5, 1, 0.4, 1, 3, 32, True),
     "omniglot_fomaml_20w1s.yaml": ("MAML", 20, 1, 0.1, 5, 5, 16, True),
+    "omniglot_anil_5w1s.yaml": ("ANIL", 5, 1, 0.4, 1, 3, 32, False),
     "omniglot_anil_20w1s.yaml": ("ANIL", 20, 1, 0.1, 5, 5, 16, False),
     "omniglot_metasgd_5w1s.yaml": ("MetaSGD", 5, 1, 0.4, 1, 1, 32, False),
     "omniglot_metasgd_20w1s.yaml": ("MetaSGD", 20, 1, 0.1, 1, 1, 16, False),
