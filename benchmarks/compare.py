@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from common import REPO  # noqa: E402,F401  (first: it puts the checkout on sys.path)
@@ -36,6 +38,34 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return overrides
 
 
+EPISODES_SUFFIX = ".episodes.pt"
+
+
+def side_values(path: str, overrides: dict[str, object], config_name: str, root: str | None, episodes: int | None):
+    """Per-episode test values of one side: read from a saved ``.episodes.pt`` file, or evaluated from a checkpoint."""
+    if path.endswith(EPISODES_SUFFIX):
+        if overrides:
+            raise SystemExit(f"error: {path} holds saved values; hyper-parameter overrides need its checkpoint instead")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["config"] != config_name:
+            raise SystemExit(f"error: {path} was evaluated on {saved['config']}'s test episodes, not {config_name}'s;"
+                             " compare it under that config")
+        values = saved["values"]
+        return {k: v[:episodes] for k, v in values.items()} if episodes else values
+    model = load_model(path, map_location="cpu", **overrides)
+    return episode_values(model, build_datamodule(read_config(config_name), root), "test", episodes=episodes)
+
+
+def save_values(directory: str, path: str, items: list[str], config_name: str, values: dict) -> Path:
+    """Write one side's per-episode values for later pairings (named after the checkpoint and its overrides)."""
+    name = Path(path).stem + "".join(f".{item.replace('=', '-')}" for item in items) + EPISODES_SUFFIX
+    target = Path(directory) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": config_name, "checkpoint": path, "overrides": items,
+                "values": values}, target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="the config whose test episodes both models are evaluated on")
@@ -45,13 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--a", dest="a_overrides", nargs="*", default=[], help="hyper-parameters for A: key=value")
     parser.add_argument("--b", dest="b_overrides", nargs="*", default=[], help="hyper-parameters for B: key=value")
     parser.add_argument("--episodes", type=int, default=None, help="only the first N test episodes")
+    parser.add_argument("--save", default=None, metavar="DIR",
+                        help="write each evaluated side's per-episode values to DIR/<checkpoint>.episodes.pt")
     args = parser.parse_args(argv)
 
-    config = read_config(os.path.basename(args.config))
+    config_name = os.path.basename(args.config)
     values = {}
     for side, path, items in (("A", args.a, args.a_overrides), ("B", args.b, args.b_overrides)):
-        model = load_model(path, map_location="cpu", **parse_overrides(items))
-        values[side] = episode_values(model, build_datamodule(config, args.root), "test", episodes=args.episodes)
+        values[side] = side_values(path, parse_overrides(items), config_name, args.root, args.episodes)
+        if args.save and not path.endswith(EPISODES_SUFFIX):
+            print(f"{side}: per-episode values saved to {save_values(args.save, path, items, config_name, values[side])}")
     metrics = [k for k in values["A"] if k in values["B"]]
     n = len(values["A"][metrics[0]])
     print(f"{args.config}: {n} test episodes; A = {args.a} {' '.join(args.a_overrides)}; B = {args.b} {' '.join(args.b_overrides)}")

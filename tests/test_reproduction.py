@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,7 +68,7 @@ def test_trainer_test_gives_the_same_number(omniglot_root):
     assert outcome["test/acc_pre"] < 0.3  # chance is 0.2
 
 
-def test_compare_prints_the_paired_difference(omniglot_root, capsys):
+def test_compare_prints_the_paired_difference(omniglot_root, capsys, tmp_path):
     """benchmarks/compare.py on one checkpoint under two protocols: each side's mean and the paired difference, which
     is exactly zero for a model against itself."""
     import compare
@@ -79,7 +80,15 @@ def test_compare_prints_the_paired_difference(omniglot_root, capsys):
     same = capsys.readouterr().out
     row = next(line for line in same.splitlines() if line.strip().startswith("acc |"))
     assert row.split("|")[3].split() == ["0.000", "±", "0.000"], same
-    compare.main([*arguments, "--b", "normalization=support"])
+    compare.main([*arguments, "--b", "normalization=support", "--save", str(tmp_path)])
     other = capsys.readouterr().out
     cells = next(line for line in other.splitlines() if line.strip().startswith("acc |")).split("|")
     assert float(cells[1].split()[0]) - float(cells[2].split()[0]) == pytest.approx(float(cells[3].split()[0]), abs=2e-3)
+
+    # Saved per-episode values stand in for their checkpoint: the same table without evaluating either model again.
+    saved_a = tmp_path / (Path(ckpt).stem + ".episodes.pt")
+    saved_b = tmp_path / (Path(ckpt).stem + ".normalization-support.episodes.pt")
+    compare.main([f"configs/{name}", str(saved_a), str(saved_b)])
+    assert capsys.readouterr().out.splitlines()[1:] == other.splitlines()[3:]
+    with pytest.raises(SystemExit, match="test episodes"):
+        compare.main(["configs/omniglot_protonet_5w1s.yaml", str(saved_a), str(saved_b)])
