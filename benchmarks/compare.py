@@ -41,15 +41,22 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 EPISODES_SUFFIX = ".episodes.pt"
 
 
+def episode_source(config_name: str) -> dict[str, object]:
+    """What fixes a config's test episodes: its data section, less the dataset folder."""
+    data = dict(read_config(config_name)["data"])
+    data["init_args"] = {k: v for k, v in data.get("init_args", {}).items() if k != "root"}
+    return data
+
+
 def side_values(path: str, overrides: dict[str, object], config_name: str, root: str | None, episodes: int | None):
     """Per-episode test values of one side: read from a saved ``.episodes.pt`` file, or evaluated from a checkpoint."""
     if path.endswith(EPISODES_SUFFIX):
         if overrides:
             raise SystemExit(f"error: {path} holds saved values; hyper-parameter overrides need its checkpoint instead")
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["config"] != config_name:
-            raise SystemExit(f"error: {path} was evaluated on {saved['config']}'s test episodes, not {config_name}'s;"
-                             " compare it under that config")
+        if saved["episodes"] != episode_source(config_name):
+            raise SystemExit(f"error: {path} was evaluated on {saved['config']}'s test episodes, which differ from"
+                             f" {config_name}'s; compare it under a config with the same data section")
         values = saved["values"]
         return {k: v[:episodes] for k, v in values.items()} if episodes else values
     model = load_model(path, map_location="cpu", **overrides)
@@ -61,7 +68,7 @@ def save_values(directory: str, path: str, items: list[str], config_name: str, v
     name = Path(path).stem + "".join(f".{item.replace('=', '-')}" for item in items) + EPISODES_SUFFIX
     target = Path(directory) / name
     target.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": config_name, "checkpoint": path, "overrides": items,
+    torch.save({"config": config_name, "episodes": episode_source(config_name), "checkpoint": path, "overrides": items,
                 "values": values}, target)
     return target
 
