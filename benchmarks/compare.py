@@ -95,14 +95,16 @@ def main(argv: list[str] | None = None) -> None:
     metrics = [k for k in values["A"] if k in values["B"]]
     n = len(values["A"][metrics[0]])
     print(f"{args.config}: {n} test episodes; A = {args.a} {' '.join(args.a_overrides)}; B = {args.b} {' '.join(args.b_overrides)}")
-    print(f"{'metric':>10} | {'A':>18} | {'B':>18} | {'A - B (paired)':>18}")
-    print("-" * 74)
+    print(f"{'metric':>10} | {'A':>20} | {'B':>20} | {'A - B (paired)':>20}")
+    print("-" * 80)
     for key in metrics:
-        scale = 100.0 if key.startswith("acc") else 1.0
+        # Accuracies in points; losses and the other diagnostics keep the digits their step-to-step changes need.
+        scale, digits = (100.0, 3) if key.startswith("acc") else (1.0, 5)
         a_mean, a_ci = mean_confidence_interval(values["A"][key])
         b_mean, b_ci = mean_confidence_interval(values["B"][key])
         d_mean, d_ci = paired_difference(values["A"][key], values["B"][key])
-        cells = [f"{scale * m:8.3f} ± {scale * c:6.3f}" for m, c in ((a_mean, a_ci), (b_mean, b_ci), (d_mean, d_ci))]
+        cells = [f"{f'{scale * m:.{digits}f} ± {scale * c:.{digits}f}':>20}"
+                 for m, c in ((a_mean, a_ci), (b_mean, b_ci), (d_mean, d_ci))]
         print(f"{key:>10} | " + " | ".join(cells))
 
 
