@@ -24,7 +24,7 @@ from common import REPO  # noqa: E402,F401  (first: it puts the checkout on sys.
 from lit_meta import load_model  # noqa: E402
 from lit_meta.evaluation import episode_values  # noqa: E402
 from lit_meta.metrics import mean_confidence_interval, paired_difference  # noqa: E402
-from reproduce import build_datamodule, read_config  # noqa: E402
+from reproduce import EPISODES_SUFFIX, build_datamodule, episode_source, read_config, saved_values  # noqa: E402
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
@@ -38,26 +38,12 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return overrides
 
 
-EPISODES_SUFFIX = ".episodes.pt"
-
-
-def episode_source(config_name: str) -> dict[str, object]:
-    """What fixes a config's test episodes: its data section, less the dataset folder."""
-    data = dict(read_config(config_name)["data"])
-    data["init_args"] = {k: v for k, v in data.get("init_args", {}).items() if k != "root"}
-    return data
-
-
 def side_values(path: str, overrides: dict[str, object], config_name: str, root: str | None, episodes: int | None):
     """Per-episode test values of one side: read from a saved ``.episodes.pt`` file, or evaluated from a checkpoint."""
     if path.endswith(EPISODES_SUFFIX):
         if overrides:
             raise SystemExit(f"error: {path} holds saved values; hyper-parameter overrides need its checkpoint instead")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["episodes"] != episode_source(config_name):
-            raise SystemExit(f"error: {path} was evaluated on {saved['config']}'s test episodes, which differ from"
-                             f" {config_name}'s; compare it under a config with the same data section")
-        values = saved["values"]
+        values = saved_values(path, config_name)
         return {k: v[:episodes] for k, v in values.items()} if episodes else values
     model = load_model(path, map_location="cpu", **overrides)
     return episode_values(model, build_datamodule(read_config(config_name), root), "test", episodes=episodes)
@@ -65,7 +51,8 @@ def side_values(path: str, overrides: dict[str, object], config_name: str, root:
 
 def save_values(directory: str, path: str, items: list[str], config_name: str, values: dict) -> Path:
     """Write one side's per-episode values for later pairings (named after the checkpoint and its overrides)."""
-    name = Path(path).stem + "".join(f".{item.replace('=', '-')}" for item in items) + EPISODES_SUFFIX
+    # The folder is part of the name: released checkpoints are often all called after their step.
+    name = f"{Path(path).parent.name}-{Path(path).stem}" + "".join(f".{item.replace('=', '-')}" for item in items) + EPISODES_SUFFIX
     target = Path(directory) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": config_name, "episodes": episode_source(config_name), "checkpoint": path, "overrides": items,
@@ -83,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--b", dest="b_overrides", nargs="*", default=[], help="hyper-parameters for B: key=value")
     parser.add_argument("--episodes", type=int, default=None, help="only the first N test episodes")
     parser.add_argument("--save", default=None, metavar="DIR",
-                        help="write each evaluated side's per-episode values to DIR/<checkpoint>.episodes.pt")
+                        help="write each evaluated side's per-episode values to DIR/<folder>-<checkpoint>.episodes.pt")
     args = parser.parse_args(argv)
 
     config_name = os.path.basename(args.config)

@@ -10,7 +10,9 @@
 ``benchmarks/reproduction.yaml`` (one entry per config: the paper, its number and protocol, and our results).
 ``--normalization`` / ``--eval-inner-steps`` / ``--queries`` evaluate under another protocol than the config's, and
 ``--evaluator`` / ``--feature-transform`` choose a pre-trained network's few-shot evaluator; the row then says so.
-``render`` turns the records into ``docs/reproduce.md``, so the table cannot drift from them.
+``--values FILE`` records per-episode values that ``benchmarks/compare.py --save`` wrote for the checkpoint, after
+evaluating its first episodes again. ``render`` turns the records into ``docs/reproduce.md``, so the table cannot
+drift from them.
 """
 
 from __future__ import annotations
@@ -174,18 +176,37 @@ def build_datamodule(config: dict[str, Any], root: str | None, **overrides: Any)
     return cls(**init_args)
 
 
-CHECK_EPISODES = 200
-# The test suite re-evaluates every record: rows whose episodes are large (more than 5 ways) or run an optimizer per
-# episode re-check fewer of them.
-OPTIMIZING_EVALUATORS = ("finetune_head", "logistic_regression")
-QUICK_CHECK_EPISODES = 50
+EPISODES_SUFFIX = ".episodes.pt"
 
 
-def check_episodes(model: Any, ways: int) -> int:
-    """How many of the first test episodes the test suite re-checks for a record of ``model`` on ``ways``-way tasks."""
-    if ways > 5 or getattr(model, "evaluator", None) in OPTIMIZING_EVALUATORS:
-        return QUICK_CHECK_EPISODES
-    return CHECK_EPISODES
+def episode_source(config_name: str) -> dict[str, Any]:
+    """What fixes a config's test episodes: its data section, less the dataset folder."""
+    data = dict(read_config(config_name)["data"])
+    data["init_args"] = {k: v for k, v in data.get("init_args", {}).items() if k != "root"}
+    return data
+
+
+def saved_values(path: str, config_name: str) -> dict[str, Any]:
+    """Per-episode test values saved by ``benchmarks/compare.py --save``, checked to be on ``config_name``'s episodes."""
+    import torch
+
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["episodes"] != episode_source(config_name):
+        raise SystemExit(f"error: {path} was evaluated on {saved['config']}'s test episodes, which differ from"
+                         f" {config_name}'s; use it with a config that has the same data section")
+    return saved["values"]
+
+
+# The test suite re-evaluates every record on the first test episodes that hold about this many query predictions:
+# enough that one prediction rounding the other way on another CPU moves the mean by at most 0.001, few enough that
+# the suite stays short.
+CHECK_PREDICTIONS = 1000
+
+
+def check_episodes(data: dict[str, Any]) -> int:
+    """How many of the first test episodes the test suite re-checks for a record on these data init args."""
+    per_episode = int(data.get("ways", 1)) * int(data.get("queries", 15))
+    return -(-CHECK_PREDICTIONS // per_episode)
 
 
 def check_key(result: dict[str, Any]) -> str:
@@ -193,10 +214,23 @@ def check_key(result: dict[str, Any]) -> str:
     return next(key for key in result if key.startswith("first_"))
 
 
-def evaluate(name: str, checkpoint: str, root: str | None, overrides: dict[str, Any], episodes: int | None = None) -> tuple[float, float, str, int, float]:
+def evaluate(
+    name: str,
+    checkpoint: str,
+    root: str | None,
+    overrides: dict[str, Any],
+    episodes: int | None = None,
+    values_file: str | None = None,
+) -> tuple[float, float, str, int, float]:
     """``(mean, ci, metric, n, mean of the first n episodes)`` of ``checkpoint`` on the config's test episodes, under
     its protocol and ``overrides`` (``episodes``: only that many; the tests check the first ``n`` against the record,
-    ``n`` from :func:`check_episodes`)."""
+    ``n`` from :func:`check_episodes`).
+
+    ``values_file``: per-episode values the checkpoint already gave (``benchmarks/compare.py --save``), used instead
+    of a full evaluation once its first episodes are evaluated again and agree.
+    """
+    import torch
+
     from lit_meta import load_model
     from lit_meta.evaluation import episode_values
     from lit_meta.metrics import mean_confidence_interval
@@ -205,11 +239,28 @@ def evaluate(name: str, checkpoint: str, root: str | None, overrides: dict[str, 
     model_overrides = {arg: overrides[key] for key, arg in MODEL_OVERRIDES.items() if overrides.get(key) is not None}
     model = load_model(checkpoint, map_location="cpu", **model_overrides)
     data_overrides = {arg: overrides.get(key) for key, arg in DATA_OVERRIDES.items()}
+    n = check_episodes({**config["data"]["init_args"], **{k: v for k, v in data_overrides.items() if v is not None}})
+    # A test episode is seeded by its index alone, so evaluating a few of them in smaller batches gives the same ones.
+    batch = int(config["data"]["init_args"].get("eval_meta_batch_size", 16))
+    part = episodes if values_file is None else n
+    if part is not None and part < batch:
+        data_overrides["eval_meta_batch_size"] = part
     datamodule = build_datamodule(config, root, **data_overrides)
-    values = episode_values(model, datamodule, "test", episodes=episodes)
+    if values_file is None:
+        values = episode_values(model, datamodule, "test", episodes=episodes)
+    else:
+        if model_overrides or any(overrides.get(key) is not None for key in DATA_OVERRIDES):
+            raise SystemExit("error: saved values hold one protocol, the config's; evaluate the checkpoint to override it")
+        values = saved_values(values_file, name)
+        expected = int(config["data"]["init_args"].get("test_episodes", 600))
+        if len(next(iter(values.values()))) != expected:
+            raise SystemExit(f"error: {values_file} holds {len(next(iter(values.values())))} episodes, not the config's"
+                             f" {expected}: save it from a comparison over all test episodes (no --episodes)")
+        again = episode_values(model, datamodule, "test", episodes=n)
+        if not all(torch.allclose(again[k], values[k][:n], atol=1e-4) for k in again):
+            raise SystemExit(f"error: {values_file} does not hold {checkpoint}'s values (its first {n} episodes differ)")
     metric = "acc" if "acc" in values else "mse"
     mean, ci = mean_confidence_interval(values[metric])
-    n = check_episodes(model, int(config["data"]["init_args"].get("ways", 5)))
     return mean, ci, metric, n, float(values[metric][:n].double().mean())
 
 
@@ -246,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--device", required=True, help="e.g. '1 CPU thread'")
     ev.add_argument("--hours", type=float, required=True, help="wall time of the training run")
     ev.add_argument("--selection", required=True, help="which checkpoint: e.g. 'best validation (step 14,000)'")
+    ev.add_argument("--values", default=None, metavar="FILE",
+                    help="the checkpoint's per-episode values saved by benchmarks/compare.py --save (spot-checked)")
     ev.add_argument("--note", default=None)
     ev.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -264,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = Path(args.checkpoint)
     checkpoint = str(checkpoint.resolve().relative_to(REPO)) if checkpoint.resolve().is_relative_to(REPO) else str(checkpoint)
     overrides = {key: getattr(args, key) for key in (*MODEL_OVERRIDES, *DATA_OVERRIDES)}
-    mean, ci, metric, n, first = evaluate(name, str(REPO / checkpoint), args.root, overrides)
+    mean, ci, metric, n, first = evaluate(name, str(REPO / checkpoint), args.root, overrides, values_file=args.values)
     result = {
         f"first_{n}": round(first, 6),
         "checkpoint": checkpoint,

@@ -40,9 +40,9 @@ def test_every_result_names_its_protocol_and_a_committed_checkpoint():
 
 @pytest.mark.parametrize("name,result", RELEASED, ids=[f"{n}:{r['checkpoint'].rsplit('/', 1)[-1]}" for n, r in RELEASED])
 def test_released_checkpoint_reproduces_its_number(name, result, request):
-    """The first 200 of the config's fixed test episodes (50 for 20-way rows and evaluators that run an optimizer) give
-    the recorded value again (to a query or two out of a thousand: kernels may round differently on another CPU), well
-    inside the table's confidence interval."""
+    """The first of the config's fixed test episodes, about 1,000 query predictions (``reproduce.check_episodes``),
+    give the recorded value again (to a query or two out of a thousand: kernels may round differently on another
+    CPU), well inside the table's confidence interval."""
     overrides = {k: result.get(k) for k in (*reproduce.MODEL_OVERRIDES, *reproduce.DATA_OVERRIDES)}
     config = reproduce.read_config(name)
     # Only the Omniglot rows need the full dataset (the sinusoid's tasks are generated).
@@ -86,9 +86,28 @@ def test_compare_prints_the_paired_difference(omniglot_root, capsys, tmp_path):
     assert float(cells[1].split()[0]) - float(cells[2].split()[0]) == pytest.approx(float(cells[3].split()[0]), abs=2e-3)
 
     # Saved per-episode values stand in for their checkpoint: the same table without evaluating either model again.
-    saved_a = tmp_path / (Path(ckpt).stem + ".episodes.pt")
-    saved_b = tmp_path / (Path(ckpt).stem + ".normalization-support.episodes.pt")
+    stem = f"{Path(ckpt).parent.name}-{Path(ckpt).stem}"
+    saved_a, saved_b = tmp_path / f"{stem}.episodes.pt", tmp_path / f"{stem}.normalization-support.episodes.pt"
     compare.main([f"configs/{name}", str(saved_a), str(saved_b)])
     assert capsys.readouterr().out.splitlines()[1:] == other.splitlines()[3:]
     with pytest.raises(SystemExit, match="test episodes"):
         compare.main(["configs/omniglot_protonet_5w1s.yaml", str(saved_a), str(saved_b)])
+
+
+def test_saved_values_record_only_their_own_checkpoint(tmp_path):
+    """``reproduce.py evaluate --values`` takes per-episode values saved by compare.py: it gives the full evaluation's
+    numbers, and refuses a file that holds another checkpoint's values or only some of the test episodes."""
+    import compare
+
+    name = "sinusoid_maml.yaml"
+    maml = str(REPO / "benchmarks/results/maml-sinusoid/step70000.ckpt")
+    pretrained = str(REPO / "benchmarks/results/sinusoid-pretrained/step70000.ckpt")
+    compare.main([f"configs/{name}", maml, pretrained, "--save", str(tmp_path)])
+    saved_pretrained = tmp_path / "sinusoid-pretrained-step70000.episodes.pt"
+    direct = reproduce.evaluate(name, pretrained, None, {})
+    assert reproduce.evaluate(name, pretrained, None, {}, values_file=str(saved_pretrained)) == pytest.approx(direct)
+    with pytest.raises(SystemExit, match="does not hold"):
+        reproduce.evaluate(name, maml, None, {}, values_file=str(saved_pretrained))
+    compare.main([f"configs/{name}", maml, maml, "--episodes", "10", "--save", str(tmp_path / "part")])
+    with pytest.raises(SystemExit, match="holds 10 episodes"):
+        reproduce.evaluate(name, maml, None, {}, values_file=str(next((tmp_path / "part").glob("*.pt"))))
