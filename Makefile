@@ -25,7 +25,7 @@ run: $(STAMP)
 	$(BIN)/python -m lit_meta fit
 
 test: $(STAMP) l2l
-	LIT_META_REQUIRE_L2L=1 $(BIN)/python -m pytest -q tests
+	LIT_META_REQUIRE_L2L=1 $(BIN)/python -m pytest -q --durations=15 tests
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --nbmake --nbmake-timeout=1200 notebooks
 
 clean:
