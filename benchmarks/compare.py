@@ -52,7 +52,8 @@ def side_values(path: str, overrides: dict[str, object], config_name: str, root:
 def save_values(directory: str, path: str, items: list[str], config_name: str, values: dict) -> Path:
     """Write one side's per-episode values for later pairings (named after the checkpoint and its overrides)."""
     # The folder is part of the name: released checkpoints are often all called after their step.
-    name = f"{Path(path).parent.name}-{Path(path).stem}" + "".join(f".{item.replace('=', '-')}" for item in items) + EPISODES_SUFFIX
+    suffix = "".join(f".{item.replace('=', '-')}" for item in items) + EPISODES_SUFFIX
+    name = f"{Path(path).parent.name}-{Path(path).stem}{suffix}"
     target = Path(directory) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": config_name, "episodes": episode_source(config_name), "checkpoint": path, "overrides": items,

@@ -252,10 +252,10 @@ def evaluate(
         if model_overrides or any(overrides.get(key) is not None for key in DATA_OVERRIDES):
             raise SystemExit("error: saved values hold one protocol, the config's; evaluate the checkpoint to override it")
         values = saved_values(values_file, name)
-        expected = int(config["data"]["init_args"].get("test_episodes", 600))
-        if len(next(iter(values.values()))) != expected:
-            raise SystemExit(f"error: {values_file} holds {len(next(iter(values.values())))} episodes, not the config's"
-                             f" {expected}: save it from a comparison over all test episodes (no --episodes)")
+        held, expected = len(next(iter(values.values()))), int(config["data"]["init_args"].get("test_episodes", 600))
+        if held != expected:
+            raise SystemExit(f"error: {values_file} holds {held} episodes, not the config's {expected}: save it from a"
+                             " comparison over all test episodes (no --episodes)")
         again = episode_values(model, datamodule, "test", episodes=n)
         if not all(torch.allclose(again[k], values[k][:n], atol=1e-4) for k in again):
             raise SystemExit(f"error: {values_file} does not hold {checkpoint}'s values (its first {n} episodes differ)")
