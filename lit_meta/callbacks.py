@@ -149,7 +149,13 @@ class MetaCheckpoint(ModelCheckpoint):
             self.kth_value = torch.tensor(float("inf") if self.mode == "min" else float("-inf"))
             self.filename = "best-{epoch}-{step}"
             self.auto_insert_metric_name = False
+        # The checkpoint being resumed is known only once the trainer restores it (after setup); see load_state_dict.
+        self._trainer = trainer
         super().setup(trainer, pl_module, stage)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = None
+        super().teardown(trainer, pl_module, stage)
 
     # ------------------------------------------------------------------------------------------------ selection
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -159,12 +165,22 @@ class MetaCheckpoint(ModelCheckpoint):
         ``best_model_path``: the score is lost, the first validation after the resume becomes the best however poor,
         and the run is tested on it. Here the previous best checkpoints stay in the selection while their files exist
         (Lightning never deletes a checkpoint outside the current folder); where none is left, selection restarts at
-        the resume, with a warning.
+        the resume, with a warning. A best checkpoint no longer at its recorded path counts where a file of the same
+        name lies beside the resumed checkpoint: a run folder copied elsewhere (``last.ckpt`` with its
+        ``best-*.ckpt``) continues with its selection.
         """
         super().load_state_dict(state_dict)
         if self.best_model_score is not None or state_dict.get("best_model_score") is None:
             return  # the same folder (Lightning restored everything), or nothing was selected yet
-        kept = {path: score for path, score in state_dict.get("best_k_models", {}).items() if Path(path).is_file()}
+        resumed = getattr(getattr(self, "_trainer", None), "ckpt_path", None)
+        beside = Path(resumed).parent if resumed and "://" not in str(resumed) else None
+        kept = {}
+        for path, score in state_dict.get("best_k_models", {}).items():
+            moved = beside / Path(path).name if beside is not None else None
+            if Path(path).is_file():
+                kept[path] = score
+            elif moved is not None and moved.is_file():
+                kept[str(moved)] = score
         if not kept:
             rank_zero_warn(
                 f"the best checkpoint of the resumed run ({state_dict['best_model_path']}) is not there: "

@@ -118,7 +118,7 @@ def frozen_maml():
     return MAML(SinusoidMLP(hidden=(16, 16)), inner_lr=0.01, inner_steps=1, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
 
 
-@pytest.mark.parametrize("best_file", ["kept", "deleted"])
+@pytest.mark.parametrize("best_file", ["kept", "deleted", "moved"])
 def test_a_run_resumed_into_another_folder_keeps_the_best_of_the_whole_run(tmp_path, best_file):
     # The command line resumes into the logger's next version: a new checkpoint folder.
     _, dm, trainer = make(tmp_path, "first", 3)
@@ -128,6 +128,14 @@ def test_a_run_resumed_into_another_folder_keeps_the_best_of_the_whole_run(tmp_p
     if best_file == "deleted":
         first_best.unlink()
     _, dm, trainer = make(tmp_path, "second", 9)
+    if best_file == "moved":
+        # The run's folder copied elsewhere (another machine), the original gone: resumed from the copy, the copied
+        # best checkpoint keeps its place in the selection.
+        (tmp_path / "first").rename(tmp_path / "copy")
+        trainer.fit(frozen_maml(), dm, ckpt_path=tmp_path / "copy" / "last.ckpt")
+        assert Path(trainer.checkpoint_callback.best_model_path) == tmp_path / "copy" / first_best.name
+        assert not list((tmp_path / "second").glob("best-*.ckpt"))
+        return
     if best_file == "kept":
         trainer.fit(frozen_maml(), dm, ckpt_path=tmp_path / "first" / "last.ckpt")
         # Equal scores after the resume are not better: the whole run's best is still the first one, and its test
