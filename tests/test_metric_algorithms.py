@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -354,7 +355,7 @@ def test_config_builds_its_model_and_data_and_cites_the_paper(path) -> None:
     model, data = cli.model, cli.datamodule
     expected = {"protonet": ProtoNet, "matchingnet": MatchingNet, "metabgd": MetaBGD}
     assert type(model) is next(cls for key, cls in expected.items() if key in path.stem)
-    ways, shots = (int(s) for s in path.stem.rsplit("_", 1)[1].rstrip("s").split("w"))
+    ways, shots = (int(s) for s in re.search(r"_(\d+)w(\d+)s(?:_|$)", path.stem).groups())
     assert (data.ways, data.shots, data.train_shots) == (ways, shots, shots)
     if isinstance(model, ProtoNet):
         assert data.train_ways > data.ways  # Snell et al.: wider training episodes
