@@ -268,6 +268,25 @@ def test_curvature_bound_holds_for_random_heads() -> None:
         assert 0 < float(top) <= float(model.curvature_bound(zs))
 
 
+def test_curvature_floor_caps_the_steps_of_a_confident_head() -> None:
+    torch.manual_seed(5)
+    zs, sy = F.normalize(torch.randn(WAYS * 3, DIM, dtype=torch.float64), dim=-1), torch.arange(WAYS).repeat(3)
+    means = torch.stack([zs[sy == c].mean(0) for c in range(WAYS)])
+    # A head that fits the support set with near-certainty: its curvature almost vanishes.
+    head = {"weight": 1000 * means, "bias": torch.zeros(WAYS, dtype=torch.float64)}
+    curvatures = {}
+    for floor in (1e-3, 0.1):
+        model = MetaBGD(TinyEmbedding(), inner_steps=1, generator_hidden=16, curvature_floor=floor).double()
+        top = torch.linalg.eigvalsh(explicit_hessian(model, zs, sy, head))[-1]
+        bound = float(model.curvature_bound(zs))
+        curvatures[floor] = float(model.curvature(zs, sy, head))
+        assert float(top) < 1e-3 * bound
+        assert curvatures[floor] == pytest.approx(max(float(top), floor * bound), rel=0.03)
+    assert curvatures[0.1] > 10 * curvatures[1e-3]  # the floor, not the vanishing curvature, sets the step
+    with pytest.raises(ConfigError, match="curvature_floor"):
+        MetaBGD(TinyEmbedding(), curvature_floor=0.0)
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(film=True), dict(generator="prototype")], ids=["residual", "film", "prototype"])
 def test_vectorized_equals_loop_in_evaluation(kwargs) -> None:
     batch = random_batch(tasks=4)

@@ -17,13 +17,14 @@ fine-tuning steps (second order).
    so training starts from a cosine prototype classifier.
 4. Logits with a learned temperature: ``s(x) = tau * (W z(x) + b)``.
 5. Fine-tuning, ``k`` steps on the support cross-entropy ``L_S``, with learned per-step, per-dimension rates:
-   ``(W, b)_{j+1} = (W, b)_j - (a_j / C) * grad L_S((W, b)_j)``, where ``a_j in (0, a_max)`` (``a_max`` times a
-   sigmoid) has one entry per feature dimension plus one for the bias, shared by the classes, and
-   ``C = tau^2 * mean_i (|z_i|^2 + 1) / 2`` bounds the largest eigenvalue of ``L_S``'s Hessian: the softmax
-   covariance ``diag(p) - p p^T`` is at most ``1/2`` in every direction, so
-   ``H <= (tau^2 / 2) I (x) mean_i [z_i; 1][z_i; 1]^T`` and its top eigenvalue is at most ``C``. Every step therefore
-   has ``alpha * lambda_max < a_max <= 1``: gradient descent on ``L_S`` cannot oscillate, whatever ``theta``,
-   ``tau`` or the generator do during training.
+   ``(W, b)_{j+1} = (W, b)_j - (a_j / lambda) * grad L_S((W, b)_j)``, where ``a_j in (0, a_max)`` (``a_max`` times a
+   sigmoid) has one entry per feature dimension plus one for the bias, shared by the classes, and ``lambda`` is the
+   top eigenvalue of ``L_S``'s Hessian at the generated head (power iteration; no gradient flows through it), so
+   the first step has ``alpha * lambda_max < a_max <= 1`` and cannot oscillate. ``lambda`` is kept at least
+   ``curvature_floor * C``, where ``C = tau^2 * mean_i (|z_i|^2 + 1) / 2`` bounds the top eigenvalue everywhere
+   (the softmax covariance ``diag(p) - p p^T`` is at most ``1/2`` in every direction, so
+   ``H <= (tau^2 / 2) I (x) mean_i [z_i; 1][z_i; 1]^T``): a head that already fits the support set confidently has
+   almost no curvature, and dividing by it alone would make the steps unbounded.
 6. Meta-objective: ``L_Q((W, b)_k) + w_pre * L_Q((W, b)_0) + w_step * mean_{0<j<k} L_Q((W, b)_j)``, averaged
    over the meta-batch; ``w_pre`` is annealed linearly from ``pre_loss_weight`` to ``pre_loss_weight_end`` over
    ``pre_loss_anneal_steps`` steps (MAML++'s multi-step loss, reduced to the two ends of the trajectory). The second
@@ -227,8 +228,10 @@ class MetaBGD(EmbeddingMetaLearner):
             trained ones reuse the last step's rates.
         learn_inner_lr: learn one rate per step and per feature dimension (plus the bias), shared by the classes.
         max_inner_lr: ``a_max``, the upper end of the learned rates (a sigmoid keeps them inside ``(0, a_max)``).
-        precondition: divide the rates by ``C``, the bound on the support loss's curvature (step 5); with
-            ``max_inner_lr <= 1`` this guarantees ``alpha * lambda_max < 1`` in every fine-tuning step.
+        precondition: divide the rates by the support loss's curvature at the generated head (step 5); with
+            ``max_inner_lr <= 1`` the first fine-tuning step has ``alpha * lambda_max < 1``.
+        curvature_floor: the least curvature the rates are divided by, as a fraction of ``C``: it caps the steps
+            where the generated head already fits the support set confidently and its curvature nearly vanishes.
         first_order: drop the second-order terms of the meta-gradient.
         pre_loss_weight: weight of the query loss of the generated head, before fine-tuning.
         pre_loss_weight_end: the weight reached after ``pre_loss_anneal_steps`` (default: ``pre_loss_weight``).
@@ -258,6 +261,7 @@ class MetaBGD(EmbeddingMetaLearner):
         learn_inner_lr: bool = True,
         max_inner_lr: float = 1.0,
         precondition: bool = True,
+        curvature_floor: float = 1e-3,
         first_order: bool = False,
         pre_loss_weight: float = 1.0,
         pre_loss_weight_end: float | None = None,
@@ -284,6 +288,8 @@ class MetaBGD(EmbeddingMetaLearner):
         for name, value in (("temperature", temperature), ("inner_lr", inner_lr), ("max_inner_lr", max_inner_lr)):
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if not (isinstance(curvature_floor, (int, float)) and 0 < curvature_floor <= 1):
+            raise ConfigError(f"curvature_floor is a fraction of the curvature bound C, in (0, 1]; got {curvature_floor!r}")
         pre_loss_weight_end = pre_loss_weight if pre_loss_weight_end is None else pre_loss_weight_end
         if pre_loss_weight < 0 or pre_loss_weight_end < 0:
             raise ConfigError(f"pre_loss_weight and pre_loss_weight_end must be >= 0, got {pre_loss_weight!r}, {pre_loss_weight_end!r}")
@@ -302,6 +308,7 @@ class MetaBGD(EmbeddingMetaLearner):
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
         self.precondition = precondition
+        self.curvature_floor = float(curvature_floor)
         self.max_inner_lr = float(max_inner_lr)
         self.pre_loss_weight = float(pre_loss_weight)
         self.pre_loss_weight_end = float(pre_loss_weight_end)
@@ -361,14 +368,15 @@ class MetaBGD(EmbeddingMetaLearner):
         return self.curvature(support_z, support_y, head) if self.precondition else 1.0
 
     def curvature(self, support_z: Tensor, support_y: Tensor, head: Params) -> Tensor:
-        """``lambda_max`` of the support loss's Hessian at ``head`` (power iteration), detached, at least ``C / 1000``."""
+        """``lambda_max`` of the support loss's Hessian at ``head`` (power iteration), detached, at least
+        ``curvature_floor * C``."""
         # A step-size normaliser, not part of the objective: no gradient flows through it. Float32 without autocast:
         # Hessian-vector products overflow in half precision.
         z, tau = _at_least_fp32(support_z.detach()), self.temperature.detach()
         with torch.autocast(z.device.type, enabled=False):
             at = {k: _at_least_fp32(v.detach()) for k, v in head.items()}
             value = _top_eigenvalue(head_hessian_product(z, tau, at), at, None)
-            value = torch.maximum(value, 1e-3 * 0.5 * tau**2 * (z.pow(2).sum(-1) + 1).mean())
+            value = torch.maximum(value, self.curvature_floor * 0.5 * tau**2 * (z.pow(2).sum(-1) + 1).mean())
         return value.to(support_z.dtype)
 
     def step_sizes(self, support_z: Tensor, scale: Tensor | float = 1.0) -> Callable[[int], dict[str, Tensor | float]]:
