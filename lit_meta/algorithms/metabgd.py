@@ -376,7 +376,7 @@ class MetaBGD(EmbeddingMetaLearner):
         with torch.autocast(z.device.type, enabled=False):
             at = {k: _at_least_fp32(v.detach()) for k, v in head.items()}
             value = _top_eigenvalue(head_hessian_product(z, tau, at), at, None)
-            value = torch.maximum(value, self.curvature_floor * 0.5 * tau**2 * (z.pow(2).sum(-1) + 1).mean())
+            value = torch.maximum(value, self.curvature_floor * self.curvature_bound(z).detach())
         return value.to(support_z.dtype)
 
     def step_sizes(self, support_z: Tensor, scale: Tensor | float = 1.0) -> Callable[[int], dict[str, Tensor | float]]:
