@@ -176,6 +176,28 @@ def test_second_order_differs_from_first_order():
     assert (g2 - g1).norm() > 1e-3 * g2.norm()
 
 
+@pytest.mark.parametrize("first_order, inner_steps", [(False, 1), (True, 1), (False, 2)])
+def test_fisher_vector_product_equals_the_hessian_of_the_kl_through_the_inner_steps(first_order, inner_steps):
+    """The Gauss-Newton product ``J^T H' J v`` against the Hessian of the mean KL with respect to the shared
+    parameters, differentiated twice through the inner steps (third derivatives of the inner loss included)."""
+    model = small_model(first_order=first_order, inner_steps=inner_steps)
+    support, query = model.collect(tasks(3))
+    params = dict(model.backbone.named_parameters())
+    tensors = list(params.values())
+    old = model.old_distribution(support, query)
+    adapted = model.adapted_parameters(params, support, query[0].num_tasks, differentiable=True)
+    product = model.fisher_vector_product(params, adapted, query, old)
+    _, kl = model.objective(params, support, query, old, differentiable=True)
+    kl_gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, tensors, create_graph=True)])
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        v = torch.randn(kl_gradient.numel(), generator=generator, dtype=torch.float64)
+        expected = torch.cat([h.reshape(-1) for h in torch.autograd.grad(kl_gradient.dot(v), tensors, retain_graph=True)])
+        actual = product(v)
+        assert expected.norm() > 0
+        torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))
+
+
 def test_conjugate_gradient_solves_a_positive_definite_system():
     torch.manual_seed(0)
     m = torch.randn(6, 6, dtype=torch.float64)

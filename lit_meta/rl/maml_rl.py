@@ -41,7 +41,7 @@ dynamics; everything after the rollouts (baselines, inner steps, the TRPO step, 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -278,14 +278,51 @@ class MAMLRL(MetaLearner):
 
     def objective(self, params: Params, support: list[Batch], query: Batch, old: tuple[Tensor, Tensor], differentiable: bool) -> tuple[Tensor, Tensor]:
         """``(surrogate L, mean KL)`` of the meta-batch at shared ``params`` (see the module docstring)."""
+        adapted = self.adapted_parameters(params, support, query[0].num_tasks, differentiable)
+        return self.adapted_objective(adapted, query, old)
+
+    def adapted_objective(self, adapted: Params, query: Batch, old: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(surrogate L, mean KL)`` of the meta-batch given the adapted per-task parameters ``[T, ...]``."""
         trajectories, adv = query
-        adapted = self.adapted_parameters(params, support, trajectories.num_tasks, differentiable)
         mean, log_std = self.distribution(adapted, trajectories)
         old_mean, old_log_std = old
         ratio = torch.exp(gaussian_log_prob(trajectories.actions, mean, log_std) - gaussian_log_prob(trajectories.actions, old_mean, old_log_std))
         surrogate = -self._valid_mean(ratio * adv, trajectories.mask).mean()
         kl = self._valid_mean(gaussian_kl(old_mean, old_log_std, mean, log_std), trajectories.mask).mean()
         return surrogate, kl
+
+    def fisher_vector_product(self, params: Params, adapted: Params, query: Batch, old: tuple[Tensor, Tensor]) -> Callable[[Tensor], Tensor]:
+        """``v -> F v``, ``F`` the Hessian of the mean KL with respect to the shared ``params`` at the current point.
+
+        ``adapted`` are the per-task parameters computed from ``params`` with their graph (second order unless
+        ``first_order``). With ``J`` the Jacobian of the adapted parameters with respect to ``params`` and ``H'`` the
+        Hessian of the KL with respect to the adapted parameters, ``F = J^T H' J``: the other term of the chain
+        rule multiplies the KL's gradient with respect to the adapted parameters, which is zero where the new policy
+        is the old one. So a product costs two passes through the inner step's graph (``J v`` and ``J^T u``) and
+        one Hessian-vector product of the policy on the post-update batch, instead of differentiating the KL's
+        gradient through the inner step, which takes third derivatives of the inner loss only to multiply them by
+        zero.
+        """
+        names = list(params)
+        tensors = [params[n] for n in names]
+        outputs = [adapted[n] for n in names]
+        leaves = [t.detach().requires_grad_() for t in outputs]
+        with torch.enable_grad():
+            _, kl = self.adapted_objective(dict(zip(names, leaves)), query, old)
+            kl_gradient = torch.autograd.grad(kl, leaves, create_graph=True)
+            # J^T w as a function of a probe w: differentiating it with respect to w gives J v (forward mode by two
+            # reverse passes, for any number of inner steps).
+            probes = [torch.zeros_like(t, requires_grad=True) for t in outputs]
+            transposed = torch.autograd.grad(outputs, tensors, grad_outputs=probes, create_graph=True)
+
+        def product(vector: Tensor) -> Tensor:
+            with torch.enable_grad():
+                jv = torch.autograd.grad(transposed, probes, grad_outputs=_split(vector, tensors), retain_graph=True)
+                hjv = torch.autograd.grad(kl_gradient, leaves, grad_outputs=jv, retain_graph=True)
+                jthjv = torch.autograd.grad(outputs, tensors, grad_outputs=hjv, retain_graph=True)
+            return self._reduce(parameters_to_vector(jthjv))
+
+        return product
 
     def _reduce(self, value: Tensor) -> Tensor:
         """The mean over processes (each rank has its own tasks); the value itself in a single process."""
@@ -310,23 +347,13 @@ class MAMLRL(MetaLearner):
         tensors = [params[n] for n in names]
         old = self.old_distribution(support, query)
         with torch.enable_grad():
-            surrogate, kl = self.objective(params, support, query, old, differentiable=True)
+            adapted = self.adapted_parameters(params, support, query[0].num_tasks, differentiable=True)
+            surrogate, _ = self.adapted_objective(adapted, query, old)
             gradient = self._reduce(parameters_to_vector(torch.autograd.grad(surrogate, tensors, retain_graph=True)))
-            kl_gradient = parameters_to_vector(torch.autograd.grad(kl, tensors, create_graph=True))
-
-        def fisher_vector_product(vector: Tensor) -> Tensor:
-            with torch.enable_grad():
-                product = torch.autograd.grad(kl_gradient.dot(vector), tensors, retain_graph=True)
-            return self._reduce(parameters_to_vector(product))
-
-        shapes = [(n, t.shape) for n, t in zip(names, tensors)]
+        fisher_vector_product = self.fisher_vector_product(params, adapted, query, old)
 
         def evaluate(flat: Tensor) -> tuple[Tensor, Tensor]:
-            candidate, offset = {}, 0
-            for name, shape in shapes:
-                size = shape.numel()
-                candidate[name] = flat[offset : offset + size].view(shape)
-                offset += size
+            candidate = dict(zip(names, _split(flat, tensors)))
             loss, divergence = self.objective(candidate, support, query, old, differentiable=False)
             return self._reduce(loss.detach()), self._reduce(divergence.detach())
 
@@ -429,3 +456,12 @@ class MAMLRL(MetaLearner):
         """The surrogate of a fresh meta-iteration at the current parameters (differentiable, second order)."""
         support, query = self.collect(batch)
         return self.objective(self.parameters_dict(), support, query, self.old_distribution(support, query), differentiable=True)[0]
+
+
+def _split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """``flat`` cut into views shaped like the tensors of ``like``, in order."""
+    pieces, offset = [], 0
+    for tensor in like:
+        pieces.append(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+    return pieces
