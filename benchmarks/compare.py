@@ -51,9 +51,10 @@ def side_values(path: str, overrides: dict[str, object], config_name: str, root:
 
 def save_values(directory: str, path: str, items: list[str], config_name: str, values: dict) -> Path:
     """Write one side's per-episode values for later pairings (named after the checkpoint and its overrides)."""
-    # The folder is part of the name: released checkpoints are often all called after their step.
+    # The config and the folder are part of the name: one checkpoint is often tested on several configs' episodes,
+    # and released checkpoints are often all called after their step.
     suffix = "".join(f".{item.replace('=', '-')}" for item in items) + EPISODES_SUFFIX
-    name = f"{Path(path).parent.name}-{Path(path).stem}{suffix}"
+    name = f"{Path(config_name).stem}.{Path(path).parent.name}-{Path(path).stem}{suffix}"
     target = Path(directory) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": config_name, "episodes": episode_source(config_name), "checkpoint": path, "overrides": items,
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--b", dest="b_overrides", nargs="*", default=[], help="hyper-parameters for B: key=value")
     parser.add_argument("--episodes", type=int, default=None, help="only the first N test episodes")
     parser.add_argument("--save", default=None, metavar="DIR",
-                        help="write each evaluated side's per-episode values to DIR/<folder>-<checkpoint>.episodes.pt")
+                        help="write each evaluated side's per-episode values to DIR/<config>.<folder>-<checkpoint>.episodes.pt")
     args = parser.parse_args(argv)
 
     config_name = os.path.basename(args.config)

@@ -86,7 +86,7 @@ def test_compare_prints_the_paired_difference(omniglot_root, capsys, tmp_path):
     assert float(cells[1].split()[0]) - float(cells[2].split()[0]) == pytest.approx(float(cells[3].split()[0]), abs=2e-3)
 
     # Saved per-episode values stand in for their checkpoint: the same table without evaluating either model again.
-    stem = f"{Path(ckpt).parent.name}-{Path(ckpt).stem}"
+    stem = f"{Path(name).stem}.{Path(ckpt).parent.name}-{Path(ckpt).stem}"
     saved_a, saved_b = tmp_path / f"{stem}.episodes.pt", tmp_path / f"{stem}.normalization-support.episodes.pt"
     compare.main([f"configs/{name}", str(saved_a), str(saved_b)])
     assert capsys.readouterr().out.splitlines()[1:] == other.splitlines()[3:]
@@ -103,7 +103,7 @@ def test_saved_values_record_only_their_own_checkpoint(tmp_path):
     maml = str(REPO / "benchmarks/results/maml-sinusoid/step70000.ckpt")
     pretrained = str(REPO / "benchmarks/results/sinusoid-pretrained/step70000.ckpt")
     compare.main([f"configs/{name}", maml, pretrained, "--save", str(tmp_path)])
-    saved_pretrained = tmp_path / "sinusoid-pretrained-step70000.episodes.pt"
+    saved_pretrained = tmp_path / "sinusoid_maml.sinusoid-pretrained-step70000.episodes.pt"
     direct = reproduce.evaluate(name, pretrained, None, {})
     assert reproduce.evaluate(name, pretrained, None, {}, values_file=str(saved_pretrained)) == pytest.approx(direct)
     with pytest.raises(SystemExit, match="does not hold"):
