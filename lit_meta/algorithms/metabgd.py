@@ -232,6 +232,8 @@ class MetaBGD(EmbeddingMetaLearner):
             ``max_inner_lr <= 1`` the first fine-tuning step has ``alpha * lambda_max < 1``.
         curvature_floor: the least curvature the rates are divided by, as a fraction of ``C``: it caps the steps
             where the generated head already fits the support set confidently and its curvature nearly vanishes.
+            With several shots per class that happens in a few episodes, and ``1e-3`` lets their first step
+            diverge; the 5-shot configs use ``0.01`` (docs/metabgd.md measures both).
         first_order: drop the second-order terms of the meta-gradient.
         pre_loss_weight: weight of the query loss of the generated head, before fine-tuning.
         pre_loss_weight_end: the weight reached after ``pre_loss_anneal_steps`` (default: ``pre_loss_weight``).
