@@ -2,8 +2,12 @@
 
     python benchmarks/reproduce.py render                 # writes docs/reproduce.md from the configs and the records
     python benchmarks/reproduce.py render --check         # exit 1 if docs/reproduce.md is out of date
+    python benchmarks/reproduce.py release runs/.../checkpoints/best-13-14000.ckpt benchmarks/results/NAME/
     python benchmarks/reproduce.py evaluate configs/omniglot_protonet_5w1s.yaml CKPT --root data/omniglot \\
         --steps 20000 --device "1 CPU thread" --hours 8.7 --selection "best validation (step 14,000)"
+
+``release`` copies a finished run's checkpoint into the repository without its optimizer state (which only resuming
+needs: ``test``, ``predict``, ``load_model`` and ``init_from`` read the weights, hyper-parameters and loop state).
 
 ``evaluate`` tests a checkpoint on the config's fixed test episodes (the same episodes, protocol and values as
 ``python -m lit_meta test --config CONFIG --ckpt_path CKPT``), prints the result and records it in
@@ -113,6 +117,25 @@ def result_command(name: str, result: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def release(source: Path, destination: Path) -> Path:
+    """Write ``source`` without its optimizer state to ``destination`` (a file, or a folder to keep the name in)."""
+    import torch
+
+    target = destination / source.name if destination.is_dir() else destination
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    checkpoint["optimizer_states"] = []
+    tmp = target.with_name(target.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(target)
+    return target
+
+
+def released_size(records: dict[str, dict[str, Any]]) -> tuple[int, int]:
+    """``(files, bytes)`` of the distinct checkpoints the records name."""
+    paths = {r["checkpoint"] for entry in records.values() for r in entry.get("results") or []}
+    return len(paths), sum((REPO / p).stat().st_size for p in paths if (REPO / p).is_file())
+
+
 def render(records: dict[str, dict[str, Any]]) -> str:
     """``docs/reproduce.md`` from the records and the configs (every config, in name order)."""
     names = sorted(p.name for p in CONFIGS.glob("*.yaml"))
@@ -120,6 +143,7 @@ def render(records: dict[str, dict[str, Any]]) -> str:
     if missing:
         raise SystemExit(f"error: benchmarks/reproduction.yaml has no entry for {', '.join(missing)}: add one")
     run = sum(1 for n in names if records[n].get("results"))
+    files, size = released_size(records)
     lines = [
         "# Reproductions",
         "",
@@ -134,6 +158,9 @@ def render(records: dict[str, dict[str, Any]]) -> str:
         "configs; `python benchmarks/reproduce.py evaluate ...` records a result.",
         "",
         f"{run} of {len(names)} configs have a full-schedule result.",
+        "",
+        f"The {files} checkpoints the table names take {size / 1e6:.1f} MB in all (weights without optimizer state:",
+        "`python benchmarks/reproduce.py release`).",
         "",
         "| config | paper | published (paper's protocol) | ours | our protocol | schedule, device, time |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -284,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     rend = sub.add_parser("render", help="write docs/reproduce.md")
     rend.add_argument("--check", action="store_true", help="only check that docs/reproduce.md is up to date")
+    rel = sub.add_parser("release", help="copy a finished run's checkpoint into the repository, without optimizer state")
+    rel.add_argument("checkpoint")
+    rel.add_argument("destination", help="a file, or a folder to keep the checkpoint's name in")
     ev = sub.add_parser("evaluate", help="test a checkpoint on a config's test episodes and record the result")
     ev.add_argument("config", help="a file in configs/")
     ev.add_argument("checkpoint", help="a checkpoint file in the repository")
@@ -311,6 +341,11 @@ def main(argv: list[str] | None = None) -> None:
             return
         TABLE.write_text(text)
         print(f"wrote {TABLE.relative_to(REPO)}")
+        return
+
+    if args.command == "release":
+        target = release(Path(args.checkpoint), Path(args.destination))
+        print(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB)")
         return
 
     name = Path(args.config).name

@@ -111,3 +111,19 @@ def test_saved_values_record_only_their_own_checkpoint(tmp_path):
     compare.main([f"configs/{name}", maml, maml, "--episodes", "10", "--save", str(tmp_path / "part")])
     with pytest.raises(SystemExit, match="holds 10 episodes"):
         reproduce.evaluate(name, maml, None, {}, values_file=str(next((tmp_path / "part").glob("*.pt"))))
+
+
+def test_release_drops_only_the_optimizer_state(tmp_path):
+    """A released checkpoint is smaller, has no optimizer state, and evaluates to exactly the original's values."""
+    import torch
+
+    source = REPO / "benchmarks/results/maml-sinusoid/step70000.ckpt"
+    original = torch.load(source, map_location="cpu", weights_only=False)
+    assert original["optimizer_states"], "the source must still hold its optimizer state for this test to mean anything"
+    target = reproduce.release(source, tmp_path)
+    released = torch.load(target, map_location="cpu", weights_only=False)
+    assert target.name == source.name and target.stat().st_size < source.stat().st_size
+    assert released["optimizer_states"] == [] and released.keys() == original.keys()
+    assert all(torch.equal(released["state_dict"][k], v) for k, v in original["state_dict"].items())
+    name = "sinusoid_maml.yaml"
+    assert reproduce.evaluate(name, str(target), None, {}, episodes=20) == reproduce.evaluate(name, str(source), None, {}, episodes=20)
