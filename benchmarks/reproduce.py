@@ -2,7 +2,7 @@
 
     python benchmarks/reproduce.py render                 # writes docs/reproduce.md from the configs and the records
     python benchmarks/reproduce.py render --check         # exit 1 if docs/reproduce.md is out of date
-    python benchmarks/reproduce.py release runs/.../checkpoints/best-13-14000.ckpt benchmarks/results/NAME/
+    python benchmarks/reproduce.py release runs/.../checkpoints/best-13-14000.ckpt benchmarks/results/<name>/
     python benchmarks/reproduce.py evaluate configs/omniglot_protonet_5w1s.yaml CKPT --root data/omniglot \\
         --steps 20000 --device "1 CPU thread" --hours 8.7 --selection "best validation (step 14,000)"
 
