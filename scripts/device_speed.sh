@@ -17,12 +17,16 @@
 # .device/wheels in ~1 min, both --quick runs printed every row. Ran on an H100 (torch 2.11) on 2026-11-26: 390 s in
 # all, learn2learn built in 55 s; output in benchmarks/results/h100-2026-11-26/.
 #
-# After the two speed runs, `run` also runs the tests that need a GPU and benchmarks/precision.py (MAML on Omniglot at
-# each precision, PRECISION_STEPS steps). Every step has a time limit inside DEVICE_BUDGET_S, most important first.
+# After the two speed runs, `run` also runs the tests that need a GPU, benchmarks/precision.py (MAML on Omniglot at
+# each precision, PRECISION_STEPS steps) and benchmarks/estimate.py (the hours of every config that has no recorded
+# result, measured on synthetic images of its dataset's shape, written into benchmarks/reproduction.yaml, which comes
+# back in $OUT; it needs the command line's jsonargparse, whose wheels `prepare` fetches). Every step has a time
+# limit inside DEVICE_BUDGET_S, most important first; PARTS chooses the parts.
 #
 # Knobs: PYTHON (default python3), DEVICE (default cuda; `DEVICE=cpu scripts/device_speed.sh run --quick` rehearses
-# the whole path on a CPU machine), DEVICE_BUDGET_S, PRECISIONS, PRECISION_STEPS, OMNIGLOT; extra arguments of `run`
-# go to both speed.py runs (e.g. --quick).
+# the whole path on a CPU machine), DEVICE_BUDGET_S, PARTS (default "speed tests precision estimates"), PRECISIONS,
+# PRECISION_STEPS, ESTIMATE_CONFIGS (default: every config without a result but the MuJoCo ones), OMNIGLOT; extra
+# arguments of `run` go to both speed.py runs (e.g. --quick).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +37,7 @@ DEVICE_BUDGET_S="${DEVICE_BUDGET_S:-520}"       # wall seconds `run` may take in
 PRECISIONS="${PRECISIONS:-32-true bf16-mixed 16-mixed}"
 PRECISION_STEPS="${PRECISION_STEPS:-1500}"
 OMNIGLOT="${OMNIGLOT:-${LIT_META_DATA:-$HERE/data}/omniglot}"
+PARTS="${PARTS:-speed tests precision estimates}"
 
 die() { printf 'device_speed: %s\n' "$*" >&2; exit 1; }
 
@@ -50,6 +55,8 @@ prepare() {
     "${pip[@]}" "${target[@]}" "cython>=3.0.10,<4"
     # And Cython's pure-Python wheel, for a rehearsal on any other interpreter (slower, same C files).
     "${pip[@]}" --only-binary=:all: --implementation py --platform any "cython>=3.0.10,<4"
+    # The command line's parser, for benchmarks/estimate.py (pure Python; the image has PyYAML and typing-extensions).
+    "${pip[@]}" "${target[@]}" "jsonargparse==4.53.0" "docstring_parser==0.18.0" "typeshed_client==2.15.0"
     for archive in images_background.zip images_evaluation.zip; do
         [[ -f "$OMNIGLOT/$archive" ]] || die "missing $OMNIGLOT/$archive (set OMNIGLOT to the folder holding it)"
         cp "$OMNIGLOT/$archive" "$STAGE/omniglot/"
@@ -57,6 +64,8 @@ prepare() {
     du -sh "$STAGE"
     echo "prepared: carry .device in the device call, and run: scripts/device_speed.sh run"
 }
+
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 # Run "$@" under a time limit of $1 seconds, capped by what is left of DEVICE_BUDGET_S; a step that fails or runs out
 # of time is reported and the next one still runs (what each printed is already in the log).
@@ -77,21 +86,38 @@ run() {
     {
         echo "== $(date -u +%FT%TZ) $(uname -m); $("$PYTHON" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())')"
         command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-        PIP_NO_INDEX=1 PIP_FIND_LINKS="$STAGE/wheels" PYTHON="$PYTHON" bash "$HERE/scripts/install_learn2learn.sh"
-        echo "== compute only (and the float64 meta-gradient check against learn2learn on the device)"
-        step 200 "$PYTHON" "$HERE/benchmarks/speed.py" --device "$DEVICE" --native-bn --check --steps 3 --repeats 5 \
-            --json "$out/speed.json" "$@"
-        echo "== end to end"
-        step 200 "$PYTHON" "$HERE/benchmarks/speed.py" --device "$DEVICE" --steps 3 --repeats 5 --end-to-end \
-            --root "$omniglot" --json "$out/speed_end_to_end.json" "$@"
-        echo "== tests that need a GPU"
-        step 60 "$PYTHON" -m pytest -q -p no:cacheprovider "$HERE/tests/test_data_store.py" -k gpu
-        # Mixed precision on real Omniglot, one precision per process so each prints as it finishes.
-        for precision in $PRECISIONS; do
-            echo "== precision $precision"
-            step 120 "$PYTHON" "$HERE/benchmarks/precision.py" --root "$omniglot" --precisions "$precision" \
-                --steps "$PRECISION_STEPS" --test-episodes 600 --eval-meta-batch-size 100
-        done
+        if part speed; then
+            PIP_NO_INDEX=1 PIP_FIND_LINKS="$STAGE/wheels" PYTHON="$PYTHON" bash "$HERE/scripts/install_learn2learn.sh"
+            echo "== compute only (and the float64 meta-gradient check against learn2learn on the device)"
+            step 200 "$PYTHON" "$HERE/benchmarks/speed.py" --device "$DEVICE" --native-bn --check --steps 3 --repeats 5 \
+                --json "$out/speed.json" "$@"
+            echo "== end to end"
+            step 200 "$PYTHON" "$HERE/benchmarks/speed.py" --device "$DEVICE" --steps 3 --repeats 5 --end-to-end \
+                --root "$omniglot" --json "$out/speed_end_to_end.json" "$@"
+        fi
+        if part tests; then
+            echo "== tests that need a GPU"
+            step 60 "$PYTHON" -m pytest -q -p no:cacheprovider "$HERE/tests/test_data_store.py" -k gpu
+        fi
+        if part precision; then
+            # Mixed precision on real Omniglot, one precision per process so each prints as it finishes.
+            for precision in $PRECISIONS; do
+                echo "== precision $precision"
+                step 120 "$PYTHON" "$HERE/benchmarks/precision.py" --root "$omniglot" --precisions "$precision" \
+                    --steps "$PRECISION_STEPS" --test-episodes 600 --eval-meta-batch-size 100
+            done
+        fi
+        if part estimates; then
+            echo "== estimates of the configs' full schedules"
+            local site=/tmp/lit_meta_site
+            "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" \
+                "$STAGE"/wheels/{jsonargparse,docstring_parser,typeshed_client}-*.whl
+            local configs=(${ESTIMATE_CONFIGS:-$("$PYTHON" "$HERE/benchmarks/estimate.py" --unrun)})
+            # Each row is recorded as it is measured, so what the time limit leaves is kept.
+            step 600 env PYTHONPATH="$site" "$PYTHON" "$HERE/benchmarks/estimate.py" "${configs[@]/#/$HERE/configs/}" \
+                --synthetic --device "$DEVICE" --record
+            cp "$HERE/benchmarks/reproduction.yaml" "$out/"
+        fi
         echo "== done after ${SECONDS}s"
     } 2>&1 | tee "$out/device_speed.log"
 }
