@@ -167,19 +167,20 @@ def test_meta_gradient_equals_single_process_over_all_ranks_tasks(ddp, name):
     first, last = r0["params"][0], r0["params"][-1]
     assert any(not torch.equal(first[k], last[k]) for k in first), "training did not move the weights"
 
-    # Running normalization statistics: the same on both ranks after every step, and after the first equal to one
-    # update from both ranks' tasks together.
+    # Running normalization statistics (and Reptile's carried inner Adam state): the same on both ranks after every
+    # step, and after the first equal to one update from both ranks' tasks together.
+    carried = ("running", "inner_adam")
     for b0, b1 in zip(r0["buffers"], r1["buffers"]):
         for key in b0:
             assert torch.equal(b0[key], b1[key]), f"{key} differs between ranks"
-    if any("running_mean" in key for key in r0["buffers"][0]):
+    if any(c in key for key in r0["buffers"][0] for c in carried):
         model = scenarios.build(name)[0]
         model.load_state_dict(r0["initial"])
         with recording() as scope:
             model.meta_loss(union)
         update_running_statistics(scope.modules, scope.tensors)
         for key, value in model.state_dict().items():
-            if "running" in key:
+            if any(c in key for c in carried):
                 torch.testing.assert_close(r0["buffers"][0][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 

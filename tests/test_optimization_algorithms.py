@@ -28,6 +28,7 @@ from datamodules.errors import ConfigError
 from lit_meta import ANIL, MAML, Conv4, MetaSGD, Reptile, SinusoidMLP
 from lit_meta.algorithms.maml import multi_step_loss_weights
 from lit_meta.backbones import uses_fused_norm
+from lit_meta.normalization import recording, update_running_statistics
 
 from conftest import cpu_trainer as trainer
 
@@ -433,6 +434,80 @@ def test_reptile_minibatch_inner_loop():
         batch,
         lambda m: reptile_reference(m, batch, steps=4, inner_lr=0.01, adam=True, inner_batch=5),
     )
+
+
+def reptile_carried_reference(backbone: nn.Module, batches: list[TaskBatch], *, steps: int, lr: float, eps: float) -> tuple:
+    """Reptile meta-steps with torch.optim.Adam in the inner loop whose state carries over: every task of a
+    meta-batch starts from the shared state, which then becomes the mean of the tasks' final states."""
+    theta = copy.deepcopy(backbone)
+    shared: list[dict] | None = None
+    for batch in batches:
+        phis, finals = [], []
+        for t in range(batch.num_tasks):
+            net = copy.deepcopy(theta)
+            opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+            if shared is not None:
+                for p, state in zip(net.parameters(), shared):
+                    opt.state[p] = {k: v.clone() for k, v in state.items()}
+            for _ in range(steps):
+                opt.zero_grad()
+                F.cross_entropy(net(batch.support_x[t]), batch.support_y[t]).backward()
+                opt.step()
+            phis.append([p.detach() for p in net.parameters()])
+            finals.append([opt.state[p] for p in net.parameters()])
+        with torch.no_grad():
+            for i, p in enumerate(theta.parameters()):
+                p += eps * (torch.stack([phi[i] for phi in phis]).mean(0) - p)
+        shared = [
+            {k: torch.stack([f[i][k] for f in finals]).mean(0) for k in ("step", "exp_avg", "exp_avg_sq")}
+            for i in range(len(finals[0]))
+        ]
+    return [p.detach() for p in theta.parameters()], shared
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_reptile_carries_adams_state_across_meta_steps(vectorize):
+    """Three meta-steps equal the reference with a carried torch.optim.Adam, weights and state; starting each task's
+    Adam fresh instead gives other weights from the second step on (so the carried state is what is tested)."""
+    batches = [vector_tasks(seed=s) for s in range(3)]
+    eps, lr = 0.7, 0.05
+    final = {}
+    for state in ("carried", "per_task"):
+        learner = build(Reptile, mlp, vectorize, inner_lr=lr, inner_steps=3, adam_state=state)
+        expected, shared = reptile_carried_reference(learner.backbone, batches, steps=3, lr=lr, eps=eps)
+        opt = torch.optim.SGD(learner.parameters(), lr=eps)
+        for batch in batches:
+            opt.zero_grad()
+            with recording() as scope:
+                loss = learner.meta_loss(batch)
+            loss.backward()
+            opt.step()
+            update_running_statistics(scope.modules, scope.tensors)
+        final[state] = [p.detach() for p in learner.backbone.parameters()]
+    # The first step agrees to 1e-16; the recorded moments are averaged in float32 (as normalization statistics are),
+    # which leaves about 1e-9 relative in the float64 weights of the later steps.
+    assert_rel_close(final["carried"], expected, rtol=1e-6)
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_rel_close(final["per_task"], expected, rtol=1e-3)
+
+
+def test_reptile_carried_state_is_saved_and_used_at_evaluation():
+    """The moments are buffers (in the state dict, so checkpoints resume them) and evaluation adapts from them."""
+    batch = vector_tasks()
+    learner = build(Reptile, mlp, True, inner_lr=0.05, inner_steps=3)
+    _, shared = reptile_carried_reference(learner.backbone, [batch], steps=3, lr=0.05, eps=0.0)
+    with recording() as scope:
+        learner.meta_loss(batch)
+    update_running_statistics(scope.modules, scope.tensors)
+    state = learner.state_dict()
+    names = [n for n, _ in learner.backbone.named_parameters()]
+    for name, reference in zip(names, shared):
+        key = f"inner_adam.per_parameter.{name.replace('.', '-')}"
+        torch.testing.assert_close(state[f"{key}.v"], reference["exp_avg_sq"])
+        assert int(state[f"{key}.t"]) == 3 == int(reference["step"])
+    before = learner.task_outputs(batch, training=False)[1]
+    fresh = build(Reptile, mlp, True, inner_lr=0.05, inner_steps=3).task_outputs(batch, training=False)[1]
+    assert not torch.allclose(before, fresh)  # the same weights, another Adam state: other predictions
 
 
 def test_reptile_gradient_is_difference_to_adapted_weights():
