@@ -510,6 +510,21 @@ def test_reptile_carried_state_is_saved_and_used_at_evaluation():
     assert not torch.allclose(before, fresh)  # the same weights, another Adam state: other predictions
 
 
+def test_reptile_checkpoint_without_carried_moments_adapts_as_before(tmp_path):
+    """A checkpoint written before Adam's moments were carried loads with a zero state: a fresh Adam per task, as
+    it was trained, so its predictions are those of ``adam_state="per_task"``."""
+    batch = vector_tasks()
+    learner = build(Reptile, mlp, True, inner_lr=0.05, inner_steps=3)
+    with recording() as scope:
+        learner.meta_loss(batch)
+    update_running_statistics(scope.modules, scope.tensors)  # a nonzero state, which the old checkpoint lacks
+    checkpoint = {"state_dict": {k: v for k, v in learner.state_dict().items() if not k.startswith("inner_adam")}}
+    learner.on_load_checkpoint(checkpoint)
+    learner.load_state_dict(checkpoint["state_dict"])
+    per_task = build(Reptile, mlp, True, inner_lr=0.05, inner_steps=3, adam_state="per_task")
+    torch.testing.assert_close(learner.task_outputs(batch, training=False)[1], per_task.task_outputs(batch, training=False)[1])
+
+
 def test_reptile_gradient_is_difference_to_adapted_weights():
     """With SGD(lr=eps) as outer optimizer one step is theta <- theta + eps * mean_t(phi_t - theta)."""
     batch = vector_tasks()

@@ -210,6 +210,15 @@ class Reptile(MAML):
         self.inner_batch_size = inner_batch_size
         self.eval_inner_batch_size = eval_inner_batch_size
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # A checkpoint written before the moments were carried has none: a zero state with no steps taken is a fresh
+        # Adam, which is what that model adapted with.
+        state = checkpoint.get("state_dict")
+        if self.inner_adam is not None and isinstance(state, dict):
+            for name, buffer in self.inner_adam.named_buffers(prefix="inner_adam"):
+                state.setdefault(name, torch.zeros_like(buffer))
+
     def adapt_task(self, support_x: Tensor, support_y: Tensor, training: bool, steps: int | None = None) -> tuple[list[Params], Params]:
         """Train a detached copy of the weights on the support set; returns ``([phi], buffers)``.
 
