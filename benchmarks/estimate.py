@@ -72,14 +72,14 @@ class StepTimer(pl.Callback):
 
 
 def build(config_path: Path, root: str | None) -> tuple[pl.LightningModule, pl.LightningDataModule, dict[str, Any]]:
-    """The config's model and datamodule, built by the command line's parser, and the config's trainer section."""
+    """The config's model and datamodule, built by the command line's parser, and the config file's contents."""
     from lit_meta.cli import MetaCLI
 
     args = ["--config", str(config_path), "--trainer.logger", "false"]
     if root is not None:
         args += ["--data.init_args.root", root]
     cli = MetaCLI(args=args, run=False)
-    return cli.model, cli.datamodule, dict(yaml.safe_load(config_path.read_text()).get("trainer") or {})
+    return cli.model, cli.datamodule, yaml.safe_load(config_path.read_text())
 
 
 def make_synthetic(datamodule: Any, channels: int, seed: int = 0) -> None:
@@ -115,7 +115,8 @@ def measure(
     config_path: Path, root: str | None, synthetic: bool, device: str, warmup: int, steps: int, eval_batches: int
 ) -> dict[str, Any]:
     """Seconds per training step and per evaluation batch of one config, with its schedule's totals."""
-    model, datamodule, trainer_config = build(config_path, root)
+    model, datamodule, config = build(config_path, root)
+    trainer_config = config.get("trainer") or {}
     if synthetic:
         make_synthetic(datamodule, channels=int(getattr(model.backbone, "in_channels", 3)))
     final_form(model)
@@ -128,7 +129,6 @@ def measure(
     step = statistics.median(timer.train[warmup:])
     batch = statistics.median(timer.test[1:]) if len(timer.test) > 1 else timer.test[0]
 
-    config = yaml.safe_load(config_path.read_text())
     entry = reproduce.load_records().get(config_path.name) or {}
     epochs = int(trainer_config.get("max_epochs") or 1)
     if getattr(datamodule, "train_mode", "episodes") == "batches" and not entry.get("schedule_steps"):
@@ -182,9 +182,7 @@ def record_estimate(row: dict[str, Any], path: Path = reproduce.RECORDS) -> None
     if row["config"] not in records:
         raise SystemExit(f"error: benchmarks/reproduction.yaml has no entry for {row['config']}: add its paper first")
     records[row["config"]]["estimate"] = estimate_text(row)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(records, sort_keys=True, allow_unicode=True, width=10**9))
-    tmp.replace(path)
+    reproduce.save_records(records, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -304,9 +304,13 @@ def record(name: str, result: dict[str, Any], path: Path = RECORDS) -> None:
     same = lambda r: all(r.get(k) == result.get(k) for k in keys)  # noqa: E731
     results = [r for r in records[name].get("results") or [] if not same(r)] + [result]
     records[name]["results"] = results
-    text = yaml.safe_dump(records, sort_keys=True, allow_unicode=True, width=10**9)
+    save_records(records, path)
+
+
+def save_records(records: dict[str, dict[str, Any]], path: Path = RECORDS) -> None:
+    """Write the records through a temporary file and a rename (an interrupted write leaves the old file)."""
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
+    tmp.write_text(yaml.safe_dump(records, sort_keys=True, allow_unicode=True, width=10**9))
     tmp.replace(path)
 
 

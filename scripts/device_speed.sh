@@ -25,7 +25,7 @@
 #
 # Knobs: PYTHON (default python3), DEVICE (default cuda; `DEVICE=cpu scripts/device_speed.sh run --quick` rehearses
 # the whole path on a CPU machine), DEVICE_BUDGET_S, PARTS (default "speed tests precision estimates"), PRECISIONS,
-# PRECISION_STEPS, ESTIMATE_CONFIGS (default: every config without a result but the MuJoCo ones), OMNIGLOT; extra
+# PRECISION_STEPS, ESTIMATE_CONFIGS (default: `benchmarks/estimate.py --unrun`), OMNIGLOT; extra
 # arguments of `run` go to both speed.py runs (e.g. --quick).
 set -euo pipefail
 
