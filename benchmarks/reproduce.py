@@ -84,6 +84,10 @@ def protocol_text(config: dict[str, Any], result: dict[str, Any] | None = None) 
         parts = [f"K={data.get('shots', 10)}, {data.get('queries', 10)} query points"]
     elif dataset == "Rollout":
         parts = [f"{data.get('environment', 'navigation2d')}, average return per task"]
+        steps = int(model.get("eval_inner_steps", 3))
+        lrs = model.get("eval_inner_lrs") or [model.get("inner_lr", 0.1)] * steps
+        if steps:
+            parts.append(f"step sizes {', '.join(f'{lr:g}' for lr in lrs)}")
     else:
         split = f" {data['split']} split" if data.get("split") else ""
         queries = data.get("queries", 15)
@@ -102,7 +106,20 @@ def protocol_text(config: dict[str, Any], result: dict[str, Any] | None = None) 
 def _number(value: float, ci: float, metric: str) -> str:
     if metric == "acc":
         return f"{100 * value:.2f} ± {100 * ci:.2f}%"
+    if metric.startswith("return_"):
+        return f"{value:.2f} ± {ci:.2f}"
     return f"{value:.3f} ± {ci:.3f}"
+
+
+def _steps(metric: str) -> str:
+    """``return_k`` in words: the return after ``k`` adaptation steps."""
+    k = int(metric.removeprefix("return_"))
+    return "before adaptation" if k == 0 else f"after {k} step{'s' if k > 1 else ''}"
+
+
+def returns_text(returns: dict[str, list[float]]) -> str:
+    """A policy's test returns at every number of adaptation steps, in order."""
+    return "; ".join(f"{_steps(k)} {_number(m, c, k)}" for k, (m, c) in sorted(returns.items(), key=lambda kv: int(kv[0][7:])))
 
 
 def result_command(name: str, result: dict[str, Any]) -> str:
@@ -182,11 +199,15 @@ def render(records: dict[str, dict[str, Any]]) -> str:
             continue
         for result in results:
             metric = result.get("metric", "acc")
-            ours = _number(result["value"], result["ci"], metric)
+            ours = f"**{_number(result['value'], result['ci'], metric)}**"
+            if metric.startswith("return_"):
+                ours += f" ({_steps(metric)})"
             protocol = f"{protocol_text(config, result)}; {result['selection']}"
             where = f"{result['steps']:,} of {schedule_steps(config, entry):,} steps; {result['device']}, {result['hours']:g} h"
-            lines.append(f"| `{name}` | {entry['paper']} | {published} | **{ours}** | {protocol} | {where} |")
+            lines.append(f"| `{name}` | {entry['paper']} | {published} | {ours} | {protocol} | {where} |")
             details.append(f"- `{name}` ({protocol_text(config, result)}): `{result_command(name, result)}`")
+            if result.get("returns"):
+                details.append(f"  Test returns: {returns_text(result['returns'])}.")
             if result.get("note"):
                 details.append(f"  {result['note']}")
     lines += ["", "## Commands and checkpoints", "", *details, ""]
@@ -236,8 +257,21 @@ CHECK_PREDICTIONS = 1000
 
 def check_episodes(data: dict[str, Any]) -> int:
     """How many of the first test episodes the test suite re-checks for a record on these data init args."""
+    if "ways" not in data and "shots" not in data and "queries" not in data:
+        # Reinforcement-learning tasks: a return is not a count of right predictions, so every test task is checked
+        # (on navigation that takes seconds).
+        return int(data.get("test_episodes", 600))
     per_episode = int(data.get("ways", 1)) * int(data.get("queries", 15))
     return -(-CHECK_PREDICTIONS // per_episode)
+
+
+def primary_metric(values: dict[str, Any], datamodule: Any) -> str:
+    """The value a row reports: accuracy, the sinusoid's MSE, or for policies the return the datamodule selects
+    checkpoints on (after one adaptation step; before adaptation for the oracle)."""
+    for metric in ("acc", "mse"):
+        if metric in values:
+            return metric
+    return datamodule.validation_metric[0].removeprefix("val/")
 
 
 def check_key(result: dict[str, Any]) -> str:
@@ -252,10 +286,10 @@ def evaluate(
     overrides: dict[str, Any],
     episodes: int | None = None,
     values_file: str | None = None,
-) -> tuple[float, float, str, int, float]:
-    """``(mean, ci, metric, n, mean of the first n episodes)`` of ``checkpoint`` on the config's test episodes, under
-    its protocol and ``overrides`` (``episodes``: only that many; the tests check the first ``n`` against the record,
-    ``n`` from :func:`check_episodes`).
+) -> tuple[float, float, str, int, float, dict[str, list[float]]]:
+    """``(mean, ci, metric, n, mean of the first n episodes, every metric's [mean, ci])`` of ``checkpoint`` on the
+    config's test episodes, under its protocol and ``overrides`` (``episodes``: only that many; the tests check the
+    first ``n`` against the record, ``n`` from :func:`check_episodes`).
 
     ``values_file``: per-episode values the checkpoint already gave (``benchmarks/compare.py --save``), used instead
     of a full evaluation once its first episodes are evaluated again and agree.
@@ -290,9 +324,10 @@ def evaluate(
         again = episode_values(model, datamodule, "test", episodes=n)
         if not all(torch.allclose(again[k], values[k][:n], atol=1e-4) for k in again):
             raise SystemExit(f"error: {values_file} does not hold {checkpoint}'s values (its first {n} episodes differ)")
-    metric = "acc" if "acc" in values else "mse"
-    mean, ci = mean_confidence_interval(values[metric])
-    return mean, ci, metric, n, float(values[metric][:n].double().mean())
+    metric = primary_metric(values, datamodule)
+    summary = {key: [round(v, 6) for v in mean_confidence_interval(per_episode)] for key, per_episode in values.items()}
+    mean, ci = summary[metric]
+    return mean, ci, metric, n, float(values[metric][:n].double().mean()), summary
 
 
 def record(name: str, result: dict[str, Any], path: Path = RECORDS) -> None:
@@ -360,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = Path(args.checkpoint)
     checkpoint = str(checkpoint.resolve().relative_to(REPO)) if checkpoint.resolve().is_relative_to(REPO) else str(checkpoint)
     overrides = {key: getattr(args, key) for key in (*MODEL_OVERRIDES, *DATA_OVERRIDES)}
-    mean, ci, metric, n, first = evaluate(name, str(REPO / checkpoint), args.root, overrides, values_file=args.values)
+    mean, ci, metric, n, first, summary = evaluate(name, str(REPO / checkpoint), args.root, overrides, values_file=args.values)
     result = {
         f"first_{n}": round(first, 6),
         "checkpoint": checkpoint,
@@ -373,9 +408,13 @@ def main(argv: list[str] | None = None) -> None:
         "selection": args.selection,
         **{k: v for k, v in overrides.items() if v is not None},
     }
+    if metric.startswith("return_"):
+        result["returns"] = {k: v for k, v in summary.items() if k.startswith("return_")}
     if args.note:
         result["note"] = args.note
     print(f"{name}: {_number(mean, ci, metric)} ({protocol_text(read_config(name), result)})")
+    if "returns" in result:
+        print(f"  {returns_text(result['returns'])}")
     if not args.no_record:
         record(name, result)
 

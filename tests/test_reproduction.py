@@ -49,9 +49,11 @@ def test_released_checkpoint_reproduces_its_number(name, result, request):
     root = str(request.getfixturevalue("omniglot_root")) if "Omniglot" in config["data"]["class_path"] else None
     key = reproduce.check_key(result)
     n = int(key.removeprefix("first_"))
-    _, _, metric, checked, first = reproduce.evaluate(name, str(REPO / result["checkpoint"]), root, overrides, episodes=n)
+    _, _, metric, checked, first, _ = reproduce.evaluate(name, str(REPO / result["checkpoint"]), root, overrides, episodes=n)
     assert metric == result["metric"] and checked == n
-    assert abs(first - result[key]) <= min(0.002, result["ci"] / 2), (first, result[key])
+    # A policy's return is a sum over 100 simulated steps: allow float rounding relative to its size.
+    tolerance = 1e-4 * abs(result[key]) if metric.startswith("return_") else 0.002
+    assert abs(first - result[key]) <= min(tolerance, result["ci"] / 2), (first, result[key])
 
 
 def test_trainer_test_gives_the_same_number(omniglot_root):
