@@ -103,6 +103,50 @@ def test_vectorized_sampler_equals_a_loop_over_single_environments(kind):
     assert batch.mask.all()
 
 
+def test_oracle_policy_observes_the_goal():
+    """The oracle's observations are the environment's plus the task's goal, and its actions come from them."""
+    kind, goals, seeds = "halfcheetah_vel", torch.tensor([[0.4], [1.7]]), [1, 2]
+    plain_policy = small_policy()
+    oracle_policy = GaussianMLPPolicy(in_features=18, hidden=(16,), out_features=6, init_std=0.5)
+    with torch.no_grad():
+        for target, source in zip(oracle_policy.parameters(), plain_policy.parameters()):
+            target.copy_(source) if target.shape == source.shape else target.copy_(torch.cat([source, torch.zeros(16, 1)], dim=1))
+
+    def oracle_sample(policy):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        params = dict(policy.named_parameters())
+        return sample_env_trajectories(policy, params, VectorHalfCheetah(kind), HalfCheetahTasks(kind, 6), goals, 2, generators, batched=False, oracle=True)
+
+    plain = sample(plain_policy, VectorHalfCheetah(kind), kind, goals, 2, 6, seeds)
+    blind = oracle_sample(oracle_policy)  # a zero weight on the goal: the plain policy's trajectories
+    assert blind.observations.shape == (2, 2, 6, 18)
+    torch.testing.assert_close(blind.observations[..., 17], goals[:, :, None].expand(2, 2, 6))
+    torch.testing.assert_close(blind.observations[..., :17], plain.observations, rtol=0, atol=0)
+    torch.testing.assert_close(blind.rewards, plain.rewards, rtol=0, atol=0)
+    with torch.no_grad():
+        oracle_policy.features[0].weight[:, 17] = 1.0
+    seeing = oracle_sample(oracle_policy)
+    assert not torch.allclose(seeing.actions, blind.actions)
+    with torch.no_grad():
+        mean, log_std = oracle_policy(seeing.observations)
+    for t, seed in enumerate(seeds):
+        noise = torch.randn((2, 6, 6), generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close((seeing.actions[t] - mean[t]) / log_std[t].exp(), noise, atol=1e-5, rtol=1e-5)
+
+
+def test_oracle_model_trains_and_evaluates_on_the_cheetah():
+    torch.manual_seed(0)
+    model = small_model(environment="halfcheetah_dir", oracle=True, inner_steps=0, backbone=None)
+    assert model.backbone.features[0].in_features == 18
+    batch = next(iter(RolloutDataModule(environment="halfcheetah_dir", meta_batch_size=2, train_batches=1).train_dataloader()))
+    before = [p.detach().clone() for p in model.parameters()]
+    step, _, query = model.meta_step(batch)
+    assert query[0].observations.shape[-1] == 18 and step.accepted and step.kl <= model.max_kl
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    values = model.task_metrics(batch)
+    assert set(values) == {"return_0", "return_1", "return_2", "return_3"}
+
+
 def test_worker_processes_give_the_same_trajectories_and_tasks_are_independent():
     policy = small_policy(1)
     goals = torch.tensor([[0.2], [1.0], [1.9]])
@@ -188,11 +232,16 @@ def test_two_iteration_fit_through_the_trainer_logs_every_return():
     assert model._vector_env is None  # teardown stopped the environments
 
 
-def test_command_line_fits_the_cheetah_config(tmp_path, monkeypatch):
+CHEETAH_CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("halfcheetah_*.yaml"))
+
+
+@pytest.mark.parametrize("name", CHEETAH_CONFIGS)
+def test_command_line_fits_the_cheetah_config(name, tmp_path, monkeypatch):
+    """Every HalfCheetah config (MAML, pretrained, oracle) trains, checkpoints and resumes through the command line."""
     from lit_meta.cli import main
 
     monkeypatch.chdir(tmp_path)
-    config = str(Path(__file__).resolve().parents[1] / "configs" / "halfcheetah_vel_maml_trpo.yaml")
+    config = str(Path(__file__).resolve().parents[1] / "configs" / name)
     small = [
         "--model.init_args.backbone.init_args.hidden=[8]",
         "--model.init_args.trajectories=2",
@@ -220,8 +269,8 @@ def test_mismatched_or_missing_pieces_are_one_line_config_errors(monkeypatch):
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ConfigError, match="same environment"):
         trainer.fit(model, data)
-    with pytest.raises(ConfigError, match="oracle"):
-        MAMLRL(environment="halfcheetah_dir", oracle=True)
+    with pytest.raises(ConfigError, match="halfcheetah_dir with oracle observes 18: set the backbone's in_features to 18"):
+        MAMLRL(environment="halfcheetah_dir", oracle=True, backbone=GaussianMLPPolicy(in_features=17, out_features=6))
     with pytest.raises(ConfigError, match="environment must be one of"):
         RolloutDataModule(environment="ant_dir")
     with pytest.raises(ConfigError, match="num_workers"):

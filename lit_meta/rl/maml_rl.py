@@ -82,7 +82,8 @@ class MAMLRL(MetaLearner):
 
     Args:
         backbone: the policy (:class:`~lit_meta.rl.policy.GaussianMLPPolicy`; default: Finn et al.'s 100-100 ReLU
-            MLP sized for ``environment``, with 4 inputs for the navigation oracle).
+            MLP sized for ``environment``; the oracle's also takes the goal: 2 more inputs for navigation, 1 for
+            HalfCheetah).
         inner_lr: ``alpha`` of the policy-gradient inner step (Finn et al.: 0.1).
         inner_steps: inner steps in meta-training; 0 trains a single policy on all tasks (the pretrained baseline).
         eval_inner_steps: policy-gradient steps at evaluation (returns are logged after each).
@@ -97,7 +98,7 @@ class MAMLRL(MetaLearner):
         max_kl: the trust region ``delta`` of the TRPO step.
         cg_iters, cg_damping: the conjugate-gradient solve.
         backtrack_ratio, max_backtracks: TRPO's line search.
-        oracle: the policy observes the goal (navigation only).
+        oracle: the policy observes the goal (the navigation goal, the cheetah's goal velocity or direction).
         horizon: steps per trajectory (Finn et al.: 100 for navigation, 200 for HalfCheetah).
         environment: ``navigation2d``, ``halfcheetah_vel`` or ``halfcheetah_dir``; the datamodule's must match.
         num_workers: processes that step the HalfCheetah environments (1: this process; unused for navigation).
@@ -128,20 +129,25 @@ class MAMLRL(MetaLearner):
     ) -> None:
         if environment not in ENVIRONMENTS:
             raise ConfigError(f"environment must be one of {', '.join(ENVIRONMENTS)}, got {environment!r}")
-        if oracle and environment != "navigation2d":
-            raise ConfigError(f"oracle is implemented for navigation2d only, not {environment}: set oracle: false")
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
             raise ConfigError(f"num_workers must be a positive integer, got {num_workers!r}")
         env: Navigation2D | HalfCheetahTasks
         if environment == "navigation2d":
-            env = Navigation2D(horizon=horizon)
+            env, goal_dim = Navigation2D(horizon=horizon), 2
         else:
             # Fail at construction, not at the first rollout, when gymnasium is missing.
             require_gymnasium()
-            env = HalfCheetahTasks(kind=environment, horizon=horizon)
+            env, goal_dim = HalfCheetahTasks(kind=environment, horizon=horizon), 1
         if backbone is None:
-            backbone = GaussianMLPPolicy(in_features=4 if oracle else env.observation_dim, out_features=env.action_dim)
+            backbone = GaussianMLPPolicy(in_features=env.observation_dim + (goal_dim if oracle else 0), out_features=env.action_dim)
         super().__init__(backbone)
+        expected = env.observation_dim + (goal_dim if oracle else 0)
+        first = next((m for m in self.backbone.modules() if isinstance(m, nn.Linear)), None)
+        if first is not None and first.in_features != expected:
+            raise ConfigError(
+                f"the policy takes {first.in_features} inputs but {environment}{' with oracle' if oracle else ''} observes "
+                f"{expected}: set the backbone's in_features to {expected}"
+            )
         for key in _UNUSED_BASE_ARGUMENTS:
             self.hparams.pop(key, None)
         require_positive(trajectories=trajectories, eval_trajectories=eval_trajectories, cg_iters=cg_iters, max_backtracks=max_backtracks)
@@ -202,7 +208,9 @@ class MAMLRL(MetaLearner):
 
             if self._vector_env is None:
                 self._vector_env = VectorHalfCheetah(self.environment, self.num_workers)
-            batch = sample_env_trajectories(self.backbone, params, self._vector_env, self.env, tasks.goals, trajectories, generators, batched=True)
+            batch = sample_env_trajectories(
+                self.backbone, params, self._vector_env, self.env, tasks.goals, trajectories, generators, batched=True, oracle=self.oracle
+            )
         return batch, advantages(batch, self.discount, self.gae_lambda, self.normalize_advantages)
 
     def log_prob(self, params: Params, trajectories: Trajectories) -> Tensor:

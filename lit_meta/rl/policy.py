@@ -29,7 +29,8 @@ class GaussianMLPPolicy(Backbone):
     """``obs -> hidden (ReLU) -> ... -> mean``, plus a state-independent learned ``log_std``.
 
     Args:
-        in_features: observation size (2 for the navigation task, 4 for its oracle, which also sees the goal).
+        in_features: observation size (2 for the navigation task, 17 for HalfCheetah; the oracle's input adds the goal:
+            4 and 18).
         hidden: hidden layer widths.
         out_features: action size.
         init_std: the initial standard deviation of every action coordinate.

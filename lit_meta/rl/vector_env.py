@@ -112,6 +112,7 @@ def sample_env_trajectories(
     trajectories: int,
     generators: Sequence[torch.Generator],
     batched: bool,
+    oracle: bool = False,
 ) -> Trajectories:
     """Roll out ``trajectories`` episodes of ``tasks.horizon`` steps of the policy in each task.
 
@@ -124,6 +125,8 @@ def sample_env_trajectories(
         trajectories: ``N``, episodes per task.
         generators: ``T`` generators; task ``t``'s noise and reset seeds come from ``generators[t]`` alone.
         batched: whether ``params`` are per task.
+        oracle: the policy also observes its task's goal (Finn et al.'s oracle): the goal is appended to every
+            observation, which the trajectories then hold (18 values).
 
     Returns:
         The trajectories; no episode ends early, so the mask is all ones.
@@ -143,6 +146,8 @@ def sample_env_trajectories(
     observations, actions, rewards = [], [], []
     for t in range(horizon):
         obs = torch.as_tensor(obs_np, dtype=goals.dtype, device=goals.device).reshape(num_tasks, trajectories, -1)
+        if oracle:
+            obs = torch.cat([obs, goals[:, None, :].expand(num_tasks, trajectories, goals.shape[1])], dim=-1)
         mean, log_std = policy_forward(policy, params, obs, batched)
         action = mean + log_std.exp() * noise_t[:, :, t]
         obs_np, reward = envs.step(action.reshape(num_tasks * trajectories, action_dim).cpu().double().numpy())
