@@ -118,8 +118,18 @@ def _steps(metric: str) -> str:
 
 
 def returns_text(returns: dict[str, list[float]]) -> str:
-    """A policy's test returns at every number of adaptation steps, in order."""
-    return "; ".join(f"{_steps(k)} {_number(m, c, k)}" for k, (m, c) in sorted(returns.items(), key=lambda kv: int(kv[0][7:])))
+    """A policy's test returns at every number of adaptation steps, in order, and (where recorded) each step's gain
+    over the return before adaptation, paired over the tasks."""
+    def ordered(prefix: str) -> list[tuple[str, list[float]]]:
+        return sorted(((k, v) for k, v in returns.items() if k.startswith(prefix)), key=lambda kv: int(kv[0][len(prefix):]))
+
+    text = "; ".join(f"{_steps(k)} {_number(m, c, k)}" for k, (m, c) in ordered("return_"))
+    gains = ordered("gain_")
+    if gains:
+        text += ". Gain over before adaptation (paired): " + "; ".join(
+            f"{_steps('return_' + k[5:])} {m:+.2f} ± {c:.2f}" for k, (m, c) in gains
+        )
+    return text
 
 
 def result_command(name: str, result: dict[str, Any]) -> str:
@@ -325,6 +335,9 @@ def evaluate(
         if not all(torch.allclose(again[k], values[k][:n], atol=1e-4) for k in again):
             raise SystemExit(f"error: {values_file} does not hold {checkpoint}'s values (its first {n} episodes differ)")
     metric = primary_metric(values, datamodule)
+    if "return_0" in values:
+        # What adaptation gains on each task: paired over the same tasks, so the spread of the tasks' difficulty cancels.
+        values = {**values, **{f"gain_{k[7:]}": v - values["return_0"] for k, v in values.items() if k.startswith("return_") and k != "return_0"}}
     summary = {key: [round(v, 6) for v in mean_confidence_interval(per_episode)] for key, per_episode in values.items()}
     mean, ci = summary[metric]
     return mean, ci, metric, n, float(values[metric][:n].double().mean()), summary
@@ -409,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         **{k: v for k, v in overrides.items() if v is not None},
     }
     if metric.startswith("return_"):
-        result["returns"] = {k: v for k, v in summary.items() if k.startswith("return_")}
+        result["returns"] = {k: v for k, v in summary.items() if k.startswith(("return_", "gain_"))}
     if args.note:
         result["note"] = args.note
     print(f"{name}: {_number(mean, ci, metric)} ({protocol_text(read_config(name), result)})")
